@@ -1,0 +1,198 @@
+//! The backend channel: requests from the backend to the frontend, and their replies.
+
+use std::os::fd::OwnedFd;
+
+use crate::codec::Writer;
+use crate::error::DecodeError;
+use crate::message::{Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size};
+use crate::types::{AddressSpace, IotlbInvalidate, MsiWrite};
+
+/// Request codes of the backend channel.
+pub mod code {
+    /// SET_ADDRESS_SPACE.
+    pub const SET_ADDRESS_SPACE: u32 = 1;
+    /// IOTLB_INVALIDATE.
+    pub const IOTLB_INVALIDATE: u32 = 2;
+    /// RESOLVE_SID.
+    pub const RESOLVE_SID: u32 = 3;
+    /// MSI_WRITE.
+    pub const MSI_WRITE: u32 = 4;
+}
+
+const TABLE: [(u32, &str, ReplyPolicy); 4] = [
+    (
+        code::SET_ADDRESS_SPACE,
+        "SET_ADDRESS_SPACE",
+        ReplyPolicy::OnNeedReply,
+    ),
+    (
+        code::IOTLB_INVALIDATE,
+        "IOTLB_INVALIDATE",
+        ReplyPolicy::OnNeedReply,
+    ),
+    (code::RESOLVE_SID, "RESOLVE_SID", ReplyPolicy::Always),
+    (code::MSI_WRITE, "MSI_WRITE", ReplyPolicy::OnNeedReply),
+];
+
+/// A request on the backend channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendRequest {
+    /// SET_ADDRESS_SPACE: the device's DMA and MSIs now go through this address space.
+    SetAddressSpace {
+        /// The device's handle.
+        handle: u32,
+        /// The address space.
+        space: AddressSpace,
+    },
+    /// IOTLB_INVALIDATE: translations the frontend cached from TRANSLATE are stale.
+    IotlbInvalidate(IotlbInvalidate),
+    /// RESOLVE_SID: which device has this stream ID now?
+    ResolveSid {
+        /// The stream ID the guest used.
+        sid: u32,
+    },
+    /// MSI_WRITE: write `data` to guest physical `address` as an MSI from the vSMMU.
+    MsiWrite(MsiWrite),
+}
+
+impl Request for BackendRequest {
+    type Reply = BackendReply;
+
+    fn code(&self) -> u32 {
+        match self {
+            BackendRequest::SetAddressSpace { .. } => code::SET_ADDRESS_SPACE,
+            BackendRequest::IotlbInvalidate(_) => code::IOTLB_INVALIDATE,
+            BackendRequest::ResolveSid { .. } => code::RESOLVE_SID,
+            BackendRequest::MsiWrite(_) => code::MSI_WRITE,
+        }
+    }
+
+    fn encode(&self) -> Encoded<'_> {
+        let mut w = Writer::with_capacity(24);
+        match self {
+            BackendRequest::SetAddressSpace { handle, space } => {
+                w.u32(*handle).u32(space.wire());
+            }
+            BackendRequest::IotlbInvalidate(inv) => inv.encode(&mut w),
+            BackendRequest::ResolveSid { sid } => {
+                w.u32(*sid).u32(0);
+            }
+            BackendRequest::MsiWrite(msi) => msi.encode(&mut w),
+        }
+        Encoded::bytes(w.into_vec())
+    }
+
+    fn decode(code: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Self, DecodeError> {
+        let req = match code {
+            code::SET_ADDRESS_SPACE => {
+                let mut r = exact_size(payload, 8)?;
+                exact_fds(fds, 0)?;
+                let handle = r.u32()?;
+                let space = AddressSpace::from_wire(r.u32()?)?;
+                BackendRequest::SetAddressSpace { handle, space }
+            }
+            code::IOTLB_INVALIDATE => {
+                let mut r = exact_size(payload, IotlbInvalidate::SIZE)?;
+                exact_fds(fds, 0)?;
+                BackendRequest::IotlbInvalidate(IotlbInvalidate::decode(&mut r)?)
+            }
+            code::RESOLVE_SID => {
+                let mut r = exact_size(payload, 8)?;
+                exact_fds(fds, 0)?;
+                let sid = r.u32()?;
+                r.reserved_u32("resolve_sid.reserved")?;
+                BackendRequest::ResolveSid { sid }
+            }
+            code::MSI_WRITE => {
+                let mut r = exact_size(payload, MsiWrite::SIZE)?;
+                exact_fds(fds, 0)?;
+                BackendRequest::MsiWrite(MsiWrite::decode(&mut r)?)
+            }
+            other => return Err(DecodeError::UnknownRequest(other)),
+        };
+        Ok(req)
+    }
+
+    fn name_of(code: u32) -> &'static str {
+        TABLE
+            .iter()
+            .find(|(c, ..)| *c == code)
+            .map_or("unknown", |(_, name, _)| name)
+    }
+
+    fn reply_policy(code: u32) -> Option<ReplyPolicy> {
+        TABLE
+            .iter()
+            .find(|(c, ..)| *c == code)
+            .map(|(.., policy)| *policy)
+    }
+}
+
+const RESOLVE_FOUND: u32 = 1;
+
+/// A successful reply on the backend channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendReply {
+    /// Acknowledgement without a body.
+    Ack,
+    /// RESOLVE_SID (8 bytes: `handle` u32, `flags` u32 with bit 0 FOUND): the device now at
+    /// that SID, or `None` when no device has it.
+    ResolveSid(Option<u32>),
+}
+
+impl Reply for BackendReply {
+    fn ack() -> Self {
+        BackendReply::Ack
+    }
+
+    fn answers(&self, request: u32) -> bool {
+        match self {
+            BackendReply::Ack => {
+                request != code::RESOLVE_SID && BackendRequest::reply_policy(request).is_some()
+            }
+            BackendReply::ResolveSid(_) => request == code::RESOLVE_SID,
+        }
+    }
+
+    fn encode(&self) -> Encoded<'_> {
+        let mut w = Writer::with_capacity(8);
+        match self {
+            BackendReply::Ack => {}
+            BackendReply::ResolveSid(Some(handle)) => {
+                w.u32(*handle).u32(RESOLVE_FOUND);
+            }
+            BackendReply::ResolveSid(None) => {
+                w.u32(0).u32(0);
+            }
+        }
+        Encoded::bytes(w.into_vec())
+    }
+
+    fn decode(request: u32, body: &[u8], fds: Vec<OwnedFd>) -> Result<Self, DecodeError> {
+        exact_fds(fds, 0)?;
+        match request {
+            code::RESOLVE_SID => {
+                let mut r = exact_size(body, 8)?;
+                let handle = r.u32()?;
+                let flags = r.u32()?;
+                match flags {
+                    RESOLVE_FOUND => Ok(BackendReply::ResolveSid(Some(handle))),
+                    0 if handle == 0 => Ok(BackendReply::ResolveSid(None)),
+                    0 => Err(DecodeError::Reserved {
+                        field: "resolve_sid_reply.handle",
+                        value: u64::from(handle),
+                    }),
+                    _ => Err(DecodeError::Reserved {
+                        field: "resolve_sid_reply.flags",
+                        value: u64::from(flags & !RESOLVE_FOUND),
+                    }),
+                }
+            }
+            other if BackendRequest::reply_policy(other).is_some() => {
+                exact_size(body, 0)?;
+                Ok(BackendReply::Ack)
+            }
+            other => Err(DecodeError::UnknownRequest(other)),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! The vIOMMU-user protocol between QEMU (the frontend) and `viommu-backend`.
+//!
+//! The protocol is specified in `docs/protocol.md`. This crate implements both ends:
+//!
+//! - [`header`]: the 12-byte header and the protocol's limits;
+//! - [`types`]: payload structures with strict decoding;
+//! - [`frontend`] and [`backend`]: the requests of the main channel and of the backend channel,
+//!   and their replies;
+//! - [`socket`]: framing with SCM_RIGHTS fd passing;
+//! - [`connection`]: requester and responder ends of a channel, for both roles.
+//!
+//! Decoding never panics: every byte sequence and fd set either decodes to a typed message or
+//! gives a precise error, and fds that arrive with a bad message are closed.
+
+pub mod backend;
+mod codec;
+pub mod connection;
+pub mod error;
+pub mod frontend;
+pub mod header;
+pub mod message;
+pub mod socket;
+pub mod status;
+pub mod types;
+
+pub use backend::{BackendReply, BackendRequest};
+pub use connection::{
+    Backend, BackendChannel, Frontend, FrontendChannel, Incoming, ReplyToken, Requester, Responder,
+};
+pub use error::{DecodeError, Error, Result};
+pub use frontend::{AttachDevice, FrontendReply, FrontendRequest, Passthrough, StateBlob};
+pub use header::{Header, MAX_FDS, MAX_PAYLOAD_SIZE};
+pub use message::{ErrorReply, Reply, ReplyPolicy, Request};
+pub use status::Status;
+pub use types::*;
