@@ -14,7 +14,8 @@ use crate::error::{DecodeError, Error, Result};
 use crate::frontend::FrontendRequest;
 use crate::header::Header;
 use crate::message::{
-    ErrorReply, Reply, ReplyPayload, ReplyPolicy, Request, decode_reply_prefix, encode_reply_prefix,
+    ErrorReply, Reply, ReplyPayload, ReplyPolicy, Request, decode_reply_prefix, encode_error_reply,
+    encode_ok_reply,
 };
 use crate::socket::{RawMessage, recv_message, send_message};
 use crate::status::Status;
@@ -244,7 +245,7 @@ impl<R: Request> Responder<R> {
                     });
                 }
                 let body = reply.encode();
-                let payload = encode_reply_prefix(Status::OK, &body.payload).into_vec();
+                let payload = encode_ok_reply(&body.payload);
                 self.send_reply(token.request, &payload, &body.fds)
             }
             Err(err) => self.reply_error(token, &err),
@@ -256,7 +257,7 @@ impl<R: Request> Responder<R> {
         if !token.expects_reply {
             return Ok(());
         }
-        let payload = encode_reply_prefix(err.status, err.message.as_bytes()).into_vec();
+        let payload = encode_error_reply(err);
         self.send_reply(token.request, &payload, &[])
     }
 

@@ -118,13 +118,29 @@ impl ErrorReply {
     }
 }
 
-/// Encodes a reply payload: the status prefix and the body or the error text.
-pub(crate) fn encode_reply_prefix(status: Status, detail: &[u8]) -> Writer {
-    let mut w = Writer::with_capacity(detail.len().saturating_add(8));
-    // detail.len() <= MAX_ERROR_MESSAGE, which fits u32.
-    let len = u32::try_from(detail.len()).unwrap_or(u32::MAX);
-    w.u32(status.0).u32(len).bytes(detail);
-    w
+/// Encodes a successful reply payload: the zero status prefix, then the body.
+pub(crate) fn encode_ok_reply(body: &[u8]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(body.len().saturating_add(8));
+    w.u32(Status::OK.0).u32(0).bytes(body);
+    w.into_vec()
+}
+
+/// Encodes an error reply payload: the status, the text's length, the text.
+pub(crate) fn encode_error_reply(err: &ErrorReply) -> Vec<u8> {
+    let text = err.message.as_bytes();
+    // ErrorReply::new caps the text at MAX_ERROR_MESSAGE; a hand-built one is cut here.
+    let text = text.get(..MAX_ERROR_MESSAGE).unwrap_or(text);
+    let status = if err.status == Status::OK {
+        Status::INTERNAL
+    } else {
+        err.status
+    };
+    let mut w = Writer::with_capacity(text.len().saturating_add(8));
+    // text.len() <= MAX_ERROR_MESSAGE, which fits u32.
+    w.u32(status.0)
+        .u32(u32::try_from(text.len()).unwrap_or(0))
+        .bytes(text);
+    w.into_vec()
 }
 
 /// A decoded reply payload: success with its body, or the peer's error.

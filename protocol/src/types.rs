@@ -787,7 +787,7 @@ impl AddressSpace {
     }
 }
 
-/// IOTLB_INVALIDATE's body (24 bytes): `handle` u32, `ssid` u32, `flags` u32 (bit 0
+/// IOTLB_INVALIDATE's body (32 bytes): `handle` u32, `ssid` u32, `flags` u32 (bit 0
 /// HANDLE_VALID, bit 1 SSID_VALID), reserved u32, `start` u64, `last` u64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IotlbInvalidate {
@@ -806,7 +806,7 @@ const INV_SSID_VALID: u32 = 1 << 1;
 
 impl IotlbInvalidate {
     /// Wire size.
-    pub const SIZE: usize = 24;
+    pub const SIZE: usize = 32;
 
     pub(crate) fn encode(&self, w: &mut Writer) {
         let flags = if self.handle.is_some() {
