@@ -2,7 +2,11 @@
 //! after hundreds of refused messages that carried fds. One test in its own binary, so that no
 //! other test opens fds meanwhile.
 
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 mod common;
 

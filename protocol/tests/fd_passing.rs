@@ -1,7 +1,11 @@
 //! Real memfds and eventfds cross a real socketpair: the receiver gets the same open files,
 //! close-on-exec, and can use them.
 
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 mod common;
 

@@ -2,7 +2,11 @@
 //! precise error, never panics, and keeps the stream usable exactly when the message boundary
 //! is known.
 
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 mod common;
 

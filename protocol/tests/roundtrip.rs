@@ -1,6 +1,10 @@
 //! Every message of both channels survives encode, a real socketpair with real fds, and decode.
 
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 mod common;
 
@@ -242,8 +246,10 @@ fn reply_for(req: &FrontendRequest, seed: u64) -> FrontendReply {
         }),
         FrontendRequest::GetMaxMemSlots => FrontendReply::MaxMemSlots(seed),
         FrontendRequest::MmioRead(_) => FrontendReply::MmioValue(seed),
-        FrontendRequest::Translate(_) => FrontendReply::Translate(if seed % 3 == 0 {
-            FrontendReply::fault_event(seed)
+        FrontendRequest::Translate(_) => FrontendReply::Translate(if seed.is_multiple_of(3) {
+            TranslateReply::Fault {
+                event: (seed >> 8) as u8,
+            }
         } else {
             let shift = 12 + (seed % 30) as u32;
             let mask = (1u64 << shift) - 1;
@@ -258,17 +264,6 @@ fn reply_for(req: &FrontendRequest, seed: u64) -> FrontendReply {
             fd: memfd(b"state"),
         }),
         _ => FrontendReply::Ack,
-    }
-}
-
-trait FaultEvent {
-    fn fault_event(seed: u64) -> TranslateReply;
-}
-impl FaultEvent for FrontendReply {
-    fn fault_event(seed: u64) -> TranslateReply {
-        TranslateReply::Fault {
-            event: (seed >> 8) as u8,
-        }
     }
 }
 
@@ -472,7 +467,7 @@ fn a_reply_of_the_wrong_kind_is_not_sent() {
     assert!(matches!(err, Error::Usage { .. }), "{err:?}");
     // Nothing reached the frontend.
     let mut buf = [0u8; 1];
-    assert!(std::io::Read::read(&mut &*frontend.stream(), &mut buf).is_err());
+    assert!(std::io::Read::read(&mut frontend.stream(), &mut buf).is_err());
 }
 
 #[test]
@@ -492,6 +487,6 @@ fn a_posted_message_gets_no_reply_even_when_the_handler_answers() {
     backend.reply(got.token, Ok(FrontendReply::Ack)).unwrap();
     frontend.stream().set_nonblocking(true).unwrap();
     let mut buf = [0u8; 1];
-    let err = std::io::Read::read(&mut &*frontend.stream(), &mut buf).unwrap_err();
+    let err = std::io::Read::read(&mut frontend.stream(), &mut buf).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
 }

@@ -1,6 +1,11 @@
 //! Helpers shared by the protocol test suites: real fds and raw socket writes.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
