@@ -1,0 +1,173 @@
+//! The daemon binary as a management layer starts it: options, exit codes, `--fd` and
+//! `--socket-path` sessions, and a hostile frontend that must not take the daemon down.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use viommu_protocol::{Error, Features, Frontend, FrontendReply, FrontendRequest, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_viommu-backend");
+
+fn connect_retry(path: &std::path::Path) -> UnixStream {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn print_capabilities_prints_json_and_exits_zero() {
+    let out = Command::new(BIN)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("{\"type\": \"viommu-smmuv3\", \"features\": ["),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("]}"), "{text}");
+}
+
+#[test]
+fn bad_invocations_fail_early_with_a_message() {
+    let cases: [(&[&str], &str); 4] = [
+        (&[], "one of --socket-path or --fd is required"),
+        (&["--fd", "1"], "stdin, stdout and stderr"),
+        (&["--fd", "987"], "not an open file descriptor"),
+        (
+            &["--socket-path", "/nonexistent-dir/x.sock"],
+            "cannot listen on /nonexistent-dir/x.sock",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+    let out = Command::new(BIN)
+        .args(["--socket-path", "a", "--fd", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses both");
+}
+
+/// libvirt's way: one end of a socketpair inherited as `--fd N`.
+#[test]
+fn serves_an_inherited_connected_socket() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut child = Command::new(BIN)
+        .args(["--fd", &fd.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let frontend = Frontend::new(ours);
+    let offer = frontend.call(&FrontendRequest::GetFeatures).unwrap();
+    assert!(matches!(offer, FrontendReply::Features(_)));
+    frontend
+        .call(&FrontendRequest::SetFeatures(Features::empty()))
+        .unwrap();
+    drop(frontend);
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the daemon ends cleanly when its --fd peer hangs up"
+    );
+}
+
+#[test]
+fn a_hostile_frontend_does_not_stop_the_daemon() {
+    let dir = std::env::temp_dir().join(format!("viommu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s.sock");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Garbage: a header with a bad version. The daemon closes this connection.
+    let mut s = connect_retry(&socket);
+    s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0x02, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let frontend = Frontend::new(s);
+    assert!(
+        frontend
+            .call(&FrontendRequest::GetFeatures)
+            .unwrap_err()
+            .is_fatal()
+    );
+
+    // Out of order: SET_CONFIG before SET_FEATURES is BAD_STATE, and the connection goes on.
+    let frontend = Frontend::new(connect_retry(&socket));
+    let cfg = viommu_protocol::ModelConfig {
+        flags: viommu_protocol::types::ConfigFlags::STAGE1,
+        oas_bits: 44,
+        ssid_bits: 0,
+        sid_bits: 16,
+        cmdq_log2: 19,
+        evtq_log2: 19,
+    };
+    match frontend.call(&FrontendRequest::SetConfig(cfg)) {
+        Err(Error::Remote {
+            status, message, ..
+        }) => {
+            assert_eq!(status, Status::BAD_STATE);
+            assert_eq!(message, "SET_CONFIG not allowed in state CONNECTED");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Features that were not offered are refused.
+    let err = frontend
+        .call(&FrontendRequest::SetFeatures(Features::TRANSLATE))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::INVALID_ARGUMENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    frontend
+        .call(&FrontendRequest::SetFeatures(Features::empty()))
+        .unwrap();
+    drop(frontend);
+
+    // A peer that vanishes mid-message.
+    let mut s = connect_retry(&socket);
+    s.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+    drop(s);
+
+    // The daemon still serves the next frontend.
+    let frontend = Frontend::new(connect_retry(&socket));
+    assert!(frontend.call(&FrontendRequest::GetFeatures).is_ok());
+    assert!(matches!(child.try_wait(), Ok(None)), "daemon still running");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
