@@ -116,10 +116,8 @@ impl<R: Request> Requester<R> {
                 flags: header.flags,
             });
         }
-        let invalid = |source| Error::Invalid {
-            request: code,
-            name,
-            expects_reply: false,
+        let invalid = |source| Error::BadReply {
+            request: name,
             source,
         };
         match decode_reply_prefix(&payload).map_err(invalid)? {

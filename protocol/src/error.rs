@@ -125,6 +125,16 @@ pub enum Error {
         /// Its header flags.
         flags: u32,
     },
+    /// A reply with the right header whose payload does not decode: the outcome of the request
+    /// is unknown, so the connection cannot go on.
+    #[error("undecodable reply to {request}")]
+    BadReply {
+        /// The name of the request the reply answers.
+        request: &'static str,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
     /// The peer answered a request with an error status.
     #[error("{request} failed on the peer: {status}: {message}")]
     Remote {
@@ -159,7 +169,8 @@ impl Error {
             | Error::ReservedFlags(_)
             | Error::Oversize { .. }
             | Error::TooManyFds { .. }
-            | Error::UnexpectedReply { .. } => true,
+            | Error::UnexpectedReply { .. }
+            | Error::BadReply { .. } => true,
         }
     }
 }

@@ -19,11 +19,12 @@ impl Status {
     pub const BAD_STATE: Status = Status(3);
     /// The message needs a feature that was not negotiated.
     pub const NOT_NEGOTIATED: Status = Status(4);
-    /// A field value is well-formed but not acceptable (out of the supported range).
+    /// A value inside the range the protocol defines that this backend does not support (a value
+    /// outside the protocol's range is INVALID_MESSAGE).
     pub const INVALID_ARGUMENT: Status = Status(5);
     /// A resource limit was reached (memory slots, devices, state size).
     pub const NO_SPACE: Status = Status(6);
-    /// The object already exists (a device handle or SID already attached).
+    /// The object already exists (a device handle already attached).
     pub const EXISTS: Status = Status(7);
     /// The object does not exist (an unknown device handle or memory region).
     pub const NOT_FOUND: Status = Status(8);

@@ -651,7 +651,17 @@ fn malformed_replies_are_refused() {
         bytes.extend_from_slice(&payload);
         raw_send(&b, &bytes, &[]);
         let err = caller.join().unwrap().unwrap_err();
-        assert!(matches!(err, Error::Invalid { request: 4, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                Error::BadReply {
+                    request: "GET_ID_REGS",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.is_fatal(), "the request's outcome is unknown");
     }
 }
 
