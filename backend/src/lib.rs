@@ -6,3 +6,4 @@
 
 pub mod inherited;
 pub mod session;
+pub mod smmuv3;
