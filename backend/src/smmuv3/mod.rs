@@ -1,6 +1,7 @@
 //! The SMMUv3 model: a pure library. It reads and writes guest memory through vm-memory and
 //! returns effects; it does no socket or ioctl I/O.
 
+pub mod spec;
 pub mod walk;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
