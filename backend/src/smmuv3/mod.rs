@@ -1,12 +1,282 @@
 //! The SMMUv3 model: a pure library. It reads and writes guest memory through vm-memory and
 //! returns effects; it does no socket or ioctl I/O.
+//!
+//! - [`spec`]: the architecture's registers and structures;
+//! - [`registers`]: register semantics; [`queue`]: queue index arithmetic;
+//! - [`stream`]: STE and CD lookup and decoding; [`walk`]: page-table walks;
+//! - [`tlb`]: the IOTLB and configuration caches;
+//! - `cmdq`, `evtq`, `translate`: the command queue, event queue and translation engines,
+//!   as methods of [`Smmu`].
 
+mod cmdq;
+mod evtq;
+pub mod features;
+pub mod queue;
+pub mod registers;
 pub mod spec;
+pub mod stream;
+pub mod tlb;
+mod translate;
 pub mod walk;
 
+use viommu_protocol::types::IdRegs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+pub use features::Features;
+pub use translate::{Translation, TranslationFault};
+
+use registers::{RegisterAction, Registers};
+use spec::cmd::RawCommand;
+use spec::event::EventId;
+use tlb::{ConfigCache, Iotlb};
+use walk::FaultKind;
 
 /// Guest memory as the model reads it: anything vm-memory can read and write objects in.
 pub trait GuestMemory: Bytes<GuestAddress, E = GuestMemoryError> {}
 
 impl<T: Bytes<GuestAddress, E = GuestMemoryError>> GuestMemory for T {}
+
+/// The SMMU's four interrupt lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IrqLine {
+    /// Event queue.
+    Evtq,
+    /// PRI queue.
+    Priq,
+    /// CMD_SYNC completion.
+    CmdSync,
+    /// Global error.
+    Gerror,
+}
+
+/// A range of StreamIDs, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SidRange {
+    /// First StreamID.
+    pub first: u32,
+    /// Last StreamID.
+    pub last: u32,
+}
+
+impl SidRange {
+    /// Every StreamID.
+    pub const ALL: SidRange = SidRange {
+        first: 0,
+        last: u32::MAX,
+    };
+}
+
+/// What the model asks its host to do. The model has already updated its own state; effects
+/// are for the world outside it (interrupt eventfds, the frontend, the host IOMMU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Effect {
+    /// Pulse an interrupt line.
+    Irq(IrqLine),
+    /// Deliver an MSI: a 32-bit write to a guest physical address outside guest RAM (the
+    /// interrupt controller's doorbell).
+    MsiWrite {
+        /// Doorbell address.
+        address: u64,
+        /// Payload.
+        data: u32,
+    },
+    /// The configuration of these streams may have changed (STE invalidation, SMMUEN or GBPA
+    /// change, reset): re-evaluate what each attached device uses (address space, host HWPT).
+    StreamsChanged(SidRange),
+    /// Translations in `[start, last]` may be stale for every device (the frontend drops its
+    /// cached TRANSLATE results).
+    TranslationsInvalidated {
+        /// First input address.
+        start: u64,
+        /// Last input address, inclusive.
+        last: u64,
+    },
+    /// A guest invalidation command (TLBI_*, ATC_INV, CFGI_CD*) for the host IOMMU to apply to
+    /// passthrough devices' nested translations.
+    HostInvalidate(RawCommand),
+}
+
+/// How a command-queue run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdqStatus {
+    /// Nothing left to do: the queue is empty, disabled, or stopped on an error.
+    Idle,
+    /// A CMD_SYNC waits for the effects produced before it: carry them out (see
+    /// [`Smmu::take_effects`]), then run the queue again to complete the sync.
+    SyncBarrier,
+}
+
+/// Counters for observability.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Commands consumed.
+    pub commands: u64,
+    /// Commands refused with CERROR_ILL or CERROR_ABT.
+    pub command_errors: u64,
+    /// Events written to the event queue.
+    pub events: u64,
+    /// Events lost (queue disabled, full, or aborted).
+    pub events_lost: u64,
+    /// Translations served.
+    pub translations: u64,
+    /// Translations served from the IOTLB.
+    pub iotlb_hits: u64,
+}
+
+/// One virtual SMMUv3.
+#[derive(Debug)]
+pub struct Smmu {
+    features: Features,
+    regs: Registers,
+    iotlb: Iotlb,
+    configs: ConfigCache,
+    effects: Vec<Effect>,
+    actions: Vec<RegisterAction>,
+    counters: Counters,
+}
+
+/// The event type of a walk fault.
+pub fn fault_event_id(kind: FaultKind) -> EventId {
+    match kind {
+        FaultKind::Translation => EventId::F_TRANSLATION,
+        FaultKind::AddrSize => EventId::F_ADDR_SIZE,
+        FaultKind::Access => EventId::F_ACCESS,
+        FaultKind::Permission => EventId::F_PERMISSION,
+        FaultKind::WalkEabt => EventId::F_WALK_EABT,
+    }
+}
+
+impl Smmu {
+    /// An SMMU with these features, in its reset state.
+    pub fn new(features: Features) -> Self {
+        Self {
+            regs: Registers::new(features.id_regs(), features.msi),
+            features,
+            iotlb: Iotlb::default(),
+            configs: ConfigCache::default(),
+            effects: Vec::new(),
+            actions: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The features.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// The ID registers the guest reads.
+    pub fn id_regs(&self) -> IdRegs {
+        self.regs.id
+    }
+
+    /// The register state (for state save and inspection).
+    pub fn registers(&self) -> &Registers {
+        &self.regs
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Number of IOTLB entries.
+    pub fn iotlb_len(&self) -> usize {
+        self.iotlb.len()
+    }
+
+    /// Back to the reset state: registers, queues and caches. Every stream is re-evaluated.
+    pub fn reset(&mut self) {
+        self.regs = Registers::new(self.features.id_regs(), self.features.msi);
+        self.iotlb.clear();
+        self.configs.clear();
+        self.effects.push(Effect::StreamsChanged(SidRange::ALL));
+    }
+
+    /// Takes the effects produced so far, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Whether effects are waiting.
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
+    }
+
+    /// A guest register read.
+    pub fn mmio_read(&mut self, offset: u64, size: u32) -> u64 {
+        self.regs.read(offset, size)
+    }
+
+    /// A guest register write. Command processing started by a CMDQ_PROD write or a command
+    /// queue (re-)enable does not happen here: call [`Smmu::run_cmdq`] after every write.
+    pub fn mmio_write<M: GuestMemory>(&mut self, mem: &M, offset: u64, size: u32, value: u64) {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.regs.write(offset, size, value, &mut actions);
+        for action in actions.drain(..) {
+            self.apply(mem, action);
+        }
+        self.actions = actions;
+    }
+
+    fn apply<M: GuestMemory>(&mut self, _mem: &M, action: RegisterAction) {
+        match action {
+            RegisterAction::Cr0 { old, new } => {
+                if old.smmuen() != new.smmuen() {
+                    // Translation turns on or off for every stream. The configuration and
+                    // TLB caches are not required to be coherent across this; start clean.
+                    self.configs.clear();
+                    self.iotlb.clear();
+                    self.effects.push(Effect::StreamsChanged(SidRange::ALL));
+                    self.effects.push(Effect::TranslationsInvalidated {
+                        start: 0,
+                        last: u64::MAX,
+                    });
+                }
+            }
+            RegisterAction::Gbpa { old, new } => {
+                if old.abort() != new.abort() && !self.regs.cr0.smmuen() {
+                    self.effects.push(Effect::StreamsChanged(SidRange::ALL));
+                    self.effects.push(Effect::TranslationsInvalidated {
+                        start: 0,
+                        last: u64::MAX,
+                    });
+                }
+            }
+            // Command processing resumes in run_cmdq.
+            RegisterAction::CmdqProd | RegisterAction::GerrorAck | RegisterAction::EventqCons => {}
+        }
+    }
+
+    /// Raises global errors and signals the GERROR interrupt for those that became active.
+    fn raise_gerror<M: GuestMemory>(&mut self, mem: &M, errors: u32) {
+        let newly = self.regs.raise_errors(errors);
+        let signalled = newly
+            & !spec::regs::Gerror::new()
+                .with_msi_gerror_abt_err(true)
+                .into_bits();
+        if signalled != 0 && self.regs.irq_ctrl.gerror_irqen() {
+            let cfg = self.regs.gerror_irq;
+            self.signal(mem, IrqLine::Gerror, cfg);
+        }
+    }
+
+    /// Signals an interrupt: an MSI when MSIs are implemented and configured, else the wired
+    /// line.
+    fn signal<M: GuestMemory>(&mut self, mem: &M, line: IrqLine, cfg: registers::IrqCfg) {
+        match cfg.msi_address().filter(|_| self.features.msi) {
+            Some(address) => self.msi_write(mem, address, cfg.cfg1),
+            None => self.effects.push(Effect::Irq(line)),
+        }
+    }
+
+    /// A 32-bit MSI write: into guest RAM directly, or to the frontend for a doorbell.
+    fn msi_write<M: GuestMemory>(&mut self, mem: &M, address: u64, data: u32) {
+        if mem
+            .write_slice(&data.to_le_bytes(), GuestAddress(address))
+            .is_err()
+        {
+            self.effects.push(Effect::MsiWrite { address, data });
+        }
+    }
+}

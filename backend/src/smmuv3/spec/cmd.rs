@@ -191,26 +191,53 @@ mod tests {
             d1: 1 | (3 << 8) | (1 << 10) | 0x7fff_0000_2000,
         };
         assert_eq!(cmd.opcode(), Opcode::TLBI_NH_VA);
-        assert_eq!((cmd.asid(), cmd.vmid(), cmd.num(), cmd.scale()), (0x1234, 0, 3, 1));
+        assert_eq!(
+            (cmd.asid(), cmd.vmid(), cmd.num(), cmd.scale()),
+            (0x1234, 0, 3, 1)
+        );
         assert_eq!((cmd.leaf(), cmd.ttl(), cmd.tg()), (true, 3, 1));
         assert_eq!(cmd.address(), 0x7fff_0000_2000);
 
         // CMDQ_OP_CFGI_STE, SID 0x0010, leaf.
-        let cmd = RawCommand { d0: 0x03 | (0x10 << 32), d1: 1 };
-        assert_eq!((cmd.opcode(), cmd.sid(), cmd.leaf()), (Opcode::CFGI_STE, 0x10, true));
+        let cmd = RawCommand {
+            d0: 0x03 | (0x10 << 32),
+            d1: 1,
+        };
+        assert_eq!(
+            (cmd.opcode(), cmd.sid(), cmd.leaf()),
+            (Opcode::CFGI_STE, 0x10, true)
+        );
 
         // CMDQ_OP_CFGI_ALL: CFGI_STE_RANGE with range 31.
         let cmd = RawCommand { d0: 0x04, d1: 31 };
         assert_eq!((cmd.opcode(), cmd.range()), (Opcode::CFGI_STE_RANGE, 31));
 
         // CMD_SYNC with MSIPOLL: CS=IRQ, MSH=ISH (3), MSIATTR=OIWB (0xf), MSIADDR.
-        let cmd = RawCommand { d0: 0x46 | (1 << 12) | (3 << 22) | (0xf << 24), d1: 0x8000_1230 };
-        assert_eq!((cmd.sync_cs(), cmd.sync_msh(), cmd.sync_msiattr()), (1, 3, 0xf));
+        let cmd = RawCommand {
+            d0: 0x46 | (1 << 12) | (3 << 22) | (0xf << 24),
+            d1: 0x8000_1230,
+        };
+        assert_eq!(
+            (cmd.sync_cs(), cmd.sync_msh(), cmd.sync_msiattr()),
+            (1, 3, 0xf)
+        );
         assert_eq!((cmd.sync_msidata(), cmd.sync_msiaddr()), (0, 0x8000_1230));
 
         // CMDQ_OP_ATC_INV: SID 8, SSV, SSID 5, size 52 (all), global.
-        let cmd = RawCommand { d0: 0x40 | (1 << 9) | (1 << 11) | (5 << 12) | (8 << 32), d1: 52 };
-        assert_eq!((cmd.ssv(), cmd.ssid(), cmd.sid(), cmd.atc_size(), cmd.global()), (true, 5, 8, 52, true));
+        let cmd = RawCommand {
+            d0: 0x40 | (1 << 9) | (1 << 11) | (5 << 12) | (8 << 32),
+            d1: 52,
+        };
+        assert_eq!(
+            (
+                cmd.ssv(),
+                cmd.ssid(),
+                cmd.sid(),
+                cmd.atc_size(),
+                cmd.global()
+            ),
+            (true, 5, 8, 52, true)
+        );
 
         // An opcode the architecture does not define stays representable.
         assert_eq!(RawCommand { d0: 0xff, d1: 0 }.opcode(), Opcode(0xff));

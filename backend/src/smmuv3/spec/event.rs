@@ -74,17 +74,24 @@ impl Event {
         self
     }
 
-    /// \[35\] RnW (1 read), \[33\] PnU (1 privileged), \[34\] InD (1 instruction).
+    /// \[99\] RnW (1 read), \[97\] PnU (1 privileged), \[98\] InD (1 instruction; 0 for writes).
     pub fn with_access(mut self, write: bool, privileged: bool, instruction: bool) -> Self {
         self.words[1] |= (u64::from(!write) << 35)
             | (u64::from(privileged) << 33)
-            | (u64::from(instruction) << 34);
+            | (u64::from(instruction && !write) << 34);
         self
     }
 
-    /// \[103\] S2 and \[105:104\] CLASS: a stage-2 fault and what it was translating.
-    pub fn with_stage2(mut self, class: u8) -> Self {
-        self.words[1] |= (1 << 39) | (u64::from(class & 3) << 40);
+    /// \[103\] S2 and \[105:104\] CLASS: the stage that faulted and what it was translating
+    /// (stage-1 faults: CLASS = IN, or TT for F_WALK_EABT).
+    pub fn with_fault_stage(mut self, stage2: bool, class: u8) -> Self {
+        self.words[1] |= (u64::from(stage2) << 39) | (u64::from(class & 3) << 40);
+        self
+    }
+
+    /// \[31:12\] SubstreamID with no SSV qualifier (C_BAD_SUBSTREAMID: always valid).
+    pub fn with_substream(mut self, ssid: u32) -> Self {
+        self.words[0] |= u64::from(ssid & 0xf_ffff) << 12;
         self
     }
 
@@ -128,7 +135,7 @@ mod tests {
         let ev = Event::new(EventId::F_TRANSLATION, 0x10)
             .with_ssid(Some(3))
             .with_access(true, false, false)
-            .with_stage2(class::IN)
+            .with_fault_stage(true, class::IN)
             .with_input_addr(0xdead_b000)
             .with_ipa(0x8_0000_1234);
         assert_eq!(ev.words[0] & 0xff, 0x10);

@@ -1,0 +1,143 @@
+//! What this vSMMU implements: its ID registers, derived from the model configuration.
+
+use viommu_protocol::types::{ConfigFlags, IdRegs, ModelConfig};
+
+use super::spec::regs::{Idr0, Idr1, Idr3, Idr5, address_size_encoding};
+
+/// Decoded capabilities the model checks on its hot paths, and the ID registers it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// Stage 1 (IDR0.S1P).
+    pub s1p: bool,
+    /// Stage 2 (IDR0.S2P).
+    pub s2p: bool,
+    /// Range invalidation (IDR3.RIL).
+    pub ril: bool,
+    /// ATS (IDR0.ATS).
+    pub ats: bool,
+    /// MSI completion and interrupts (IDR0.MSI).
+    pub msi: bool,
+    /// StreamID bits (IDR1.SIDSIZE).
+    pub sid_bits: u8,
+    /// SubstreamID bits (IDR1.SSIDSIZE).
+    pub ssid_bits: u8,
+    /// Output address size in bits (IDR5.OAS).
+    pub oas_bits: u8,
+    /// log2 of the largest command queue (IDR1.CMDQS).
+    pub cmdqs: u8,
+    /// log2 of the largest event queue (IDR1.EVENTQS).
+    pub eventqs: u8,
+}
+
+impl Features {
+    /// QEMU's emulated SMMUv3 defaults (stage 1, 44-bit OAS, 16-bit SIDs, RIL, queues of 2^19),
+    /// with 16-bit SSIDs.
+    pub fn qemu_default() -> Self {
+        Self {
+            s1p: true,
+            s2p: false,
+            ril: true,
+            ats: false,
+            msi: false,
+            sid_bits: 16,
+            ssid_bits: 16,
+            oas_bits: 44,
+            cmdqs: 19,
+            eventqs: 19,
+        }
+    }
+
+    /// The features a SET_CONFIG asks for. IDR_AUTO configurations start from the defaults
+    /// until the host's values are known.
+    pub fn from_config(cfg: &ModelConfig) -> Self {
+        let defaults = Self::qemu_default();
+        let auto = cfg.flags.contains(ConfigFlags::IDR_AUTO);
+        Self {
+            s1p: cfg.flags.contains(ConfigFlags::STAGE1),
+            s2p: !auto && cfg.flags.contains(ConfigFlags::STAGE2),
+            ril: if auto {
+                defaults.ril
+            } else {
+                cfg.flags.contains(ConfigFlags::RIL)
+            },
+            ats: cfg.flags.contains(ConfigFlags::ATS),
+            msi: cfg.flags.contains(ConfigFlags::MSI),
+            sid_bits: cfg.sid_bits.min(32),
+            ssid_bits: if auto {
+                defaults.ssid_bits
+            } else {
+                cfg.ssid_bits.min(20)
+            },
+            oas_bits: if auto {
+                defaults.oas_bits
+            } else {
+                cfg.oas_bits
+            },
+            cmdqs: cfg.cmdq_log2.min(19),
+            eventqs: cfg.evtq_log2.min(19),
+        }
+    }
+
+    /// The ID registers the guest reads.
+    pub fn id_regs(&self) -> IdRegs {
+        let idr0 = Idr0::new()
+            .with_s2p(self.s2p)
+            .with_s1p(self.s1p)
+            .with_ttf(2)
+            .with_cohacc(true)
+            .with_ats(self.ats)
+            .with_asid16(true)
+            .with_msi(self.msi)
+            .with_vmid16(true)
+            .with_cd2l(true)
+            .with_ttendian(2)
+            .with_stall_model(1)
+            .with_term_model(true)
+            .with_st_level(1);
+        let idr1 = Idr1::new()
+            .with_sidsize(self.sid_bits.min(32))
+            .with_ssidsize(self.ssid_bits.min(20))
+            .with_eventqs(self.eventqs)
+            .with_cmdqs(self.cmdqs);
+        let idr3 = Idr3::new().with_had(true).with_ril(self.ril).with_bbml(2);
+        let idr5 = Idr5::new()
+            .with_oas(address_size_encoding(self.oas_bits).unwrap_or(4))
+            .with_gran4k(true)
+            .with_gran16k(true)
+            .with_gran64k(true);
+        IdRegs {
+            idr: [
+                idr0.into_bits(),
+                idr1.into_bits(),
+                0,
+                idr3.into_bits(),
+                0,
+                idr5.into_bits(),
+            ],
+            iidr: 0,
+            // SMMUv3.2: range invalidation and BBML are v3.2 features.
+            aidr: 0x2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// QEMU's smmuv3_init_id_regs() values for the same configuration, bit for bit, except
+    /// that we advertise 2-level CD tables (CD2L) and 16-bit SSIDs, which QEMU lacks.
+    #[test]
+    fn default_id_registers() {
+        let regs = Features::qemu_default().id_regs();
+        // S1P, TTF=AArch64, COHACC, ASID16, VMID16, CD2L, TTENDIAN=LE, STALL_MODEL=1,
+        // TERM_MODEL, ST_LEVEL=1.
+        assert_eq!(regs.idr[0], 0x0d4c_101a);
+        // SIDSIZE 16, SSIDSIZE 16, EVENTQS 19, CMDQS 19.
+        assert_eq!(regs.idr[1], (19 << 21) | (19 << 16) | (16 << 6) | 16);
+        // HAD, RIL, BBML=2.
+        assert_eq!(regs.idr[3], 0x1404);
+        // OAS=44 bits (4), GRAN4K, GRAN16K, GRAN64K.
+        assert_eq!(regs.idr[5], 0x74);
+    }
+}

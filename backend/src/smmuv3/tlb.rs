@@ -1,0 +1,173 @@
+//! Translation caches: the IOTLB, and the STE and CD configuration caches.
+//!
+//! Both are bounded: a cache that reaches its capacity is emptied (as QEMU's IOTLB is), which
+//! costs re-walks but never correctness. Invalidation is exact in its scope (VMID, ASID,
+//! address range); where the cache does not keep enough to decide (the intermediate IPA of a
+//! nested translation), it invalidates more, never less.
+
+use rustc_hash::FxHashMap;
+
+use super::stream::{Context, StreamConfig};
+use super::walk::Mapping;
+
+/// Most IOTLB entries kept.
+pub const IOTLB_CAPACITY: usize = 8192;
+/// Most STE and most CD configurations kept.
+pub const CONFIG_CAPACITY: usize = 4096;
+
+/// Which translation regime an IOTLB entry belongs to: its tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TlbTag {
+    /// VMID, for entries with stage 2.
+    pub vmid: Option<u16>,
+    /// ASID, for entries with stage 1.
+    pub asid: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TlbKey {
+    tag: TlbTag,
+    /// Input address >> size_shift.
+    frame: u64,
+    size_shift: u8,
+}
+
+/// The IOTLB.
+#[derive(Debug, Default)]
+pub struct Iotlb {
+    entries: FxHashMap<TlbKey, Mapping>,
+    /// Bit n set: some entry has size_shift n.
+    shifts: u64,
+}
+
+impl Iotlb {
+    /// The cached mapping of `input` (an IOVA, top byte already cleared where ignored).
+    pub fn lookup(&self, tag: TlbTag, input: u64) -> Option<&Mapping> {
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let shift = shifts.trailing_zeros();
+            shifts &= shifts.wrapping_sub(1);
+            let key = TlbKey {
+                tag,
+                frame: input.checked_shr(shift).unwrap_or(0),
+                size_shift: shift as u8,
+            };
+            if let Some(m) = self.entries.get(&key) {
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    /// Caches a mapping.
+    pub fn insert(&mut self, tag: TlbTag, mapping: Mapping) {
+        if mapping.size_shift >= 64 {
+            return;
+        }
+        if self.entries.len() >= IOTLB_CAPACITY {
+            self.clear();
+        }
+        let key = TlbKey {
+            tag,
+            frame: mapping.input_base >> mapping.size_shift,
+            size_shift: mapping.size_shift as u8,
+        };
+        self.shifts |= 1u64 << mapping.size_shift;
+        self.entries.insert(key, mapping);
+    }
+
+    /// Number of cached entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.shifts = 0;
+    }
+
+    /// Drops the entries for which `stale(tag, mapping)` holds.
+    pub fn invalidate(&mut self, mut stale: impl FnMut(&TlbTag, &Mapping) -> bool) {
+        self.entries
+            .retain(|key, mapping| !stale(&key.tag, mapping));
+        if self.entries.is_empty() {
+            self.shifts = 0;
+        }
+    }
+}
+
+/// Whether a mapping's input block overlaps `[start, last]`.
+pub fn overlaps(mapping: &Mapping, start: u64, last: u64) -> bool {
+    let size = 1u64.checked_shl(mapping.size_shift).unwrap_or(0);
+    let block_last = mapping.input_base.saturating_add(size.saturating_sub(1));
+    mapping.input_base <= last && start <= block_last
+}
+
+/// Decoded configurations by StreamID, and CDs by (StreamID, SubstreamID).
+#[derive(Debug, Default)]
+pub struct ConfigCache {
+    streams: FxHashMap<u32, StreamConfig>,
+    contexts: FxHashMap<(u32, Option<u32>), Option<Context>>,
+}
+
+impl ConfigCache {
+    /// A cached stream configuration.
+    pub fn stream(&self, sid: u32) -> Option<&StreamConfig> {
+        self.streams.get(&sid)
+    }
+
+    /// Caches a stream configuration.
+    pub fn insert_stream(&mut self, sid: u32, config: StreamConfig) {
+        if self.streams.len() >= CONFIG_CAPACITY {
+            self.streams.clear();
+        }
+        self.streams.insert(sid, config);
+    }
+
+    /// A cached context (`Some(None)`: stage 1 bypassed for that substream).
+    pub fn context(&self, sid: u32, ssid: Option<u32>) -> Option<&Option<Context>> {
+        self.contexts.get(&(sid, ssid))
+    }
+
+    /// Caches a context.
+    pub fn insert_context(&mut self, sid: u32, ssid: Option<u32>, context: Option<Context>) {
+        if self.contexts.len() >= CONFIG_CAPACITY {
+            self.contexts.clear();
+        }
+        self.contexts.insert((sid, ssid), context);
+    }
+
+    /// Invalidates the STEs (and their CDs) of StreamIDs in `[first, last]`.
+    pub fn invalidate_streams(&mut self, first: u32, last: u32) {
+        self.streams.retain(|sid, _| !(first..=last).contains(sid));
+        self.contexts
+            .retain(|(sid, _), _| !(first..=last).contains(sid));
+    }
+
+    /// Invalidates the CDs of one stream: all of them, or one substream's. A transaction
+    /// without SubstreamID that uses CD 0 (S1DSS = SUBSTREAM0) is cached under `None`, so
+    /// invalidating SubstreamID 0 drops that entry too.
+    pub fn invalidate_contexts(&mut self, sid: u32, ssid: Option<u32>) {
+        match ssid {
+            None => self.contexts.retain(|(s, _), _| *s != sid),
+            Some(0) => self
+                .contexts
+                .retain(|key, _| *key != (sid, Some(0)) && *key != (sid, None)),
+            Some(n) => {
+                self.contexts.remove(&(sid, Some(n)));
+            }
+        }
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.streams.clear();
+        self.contexts.clear();
+    }
+}
