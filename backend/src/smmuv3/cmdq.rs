@@ -2,10 +2,101 @@
 
 use vm_memory::GuestAddress;
 
+use super::queue::QueueGeometry;
 use super::spec::cmd::{Opcode, RawCommand, sync_cs};
 use super::spec::regs::{Gerror, cerror, queue_reg};
 use super::tlb::{TlbTag, overlaps};
 use super::{CmdqStatus, Effect, GuestMemory, IrqLine, SidRange, Smmu};
+
+/// Most commands fetched with one guest memory read.
+const FETCH_BATCH: usize = 128;
+
+/// Commands fetched ahead of CONS, as a hardware prefetch buffer holds them. Entries between
+/// CONS and PROD belong to the SMMU until consumed, so they stay valid until then; any write
+/// that moves the queue (base, CONS, enables, reset) clears the buffer.
+#[derive(Debug)]
+pub(super) struct Prefetch {
+    /// The CONS value of `cmds[next]`.
+    cons: u32,
+    cmds: [RawCommand; FETCH_BATCH],
+    len: usize,
+    next: usize,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Self {
+            cons: 0,
+            cmds: [RawCommand::default(); FETCH_BATCH],
+            len: 0,
+            next: 0,
+        }
+    }
+}
+
+impl Prefetch {
+    /// Drops every fetched command.
+    pub(super) fn clear(&mut self) {
+        self.len = 0;
+        self.next = 0;
+    }
+
+    /// The fetched command at `cons`, if the buffer holds it.
+    fn take(&self, cons: u32) -> Option<RawCommand> {
+        if self.next < self.len && self.cons == cons {
+            self.cmds.get(self.next).copied()
+        } else {
+            None
+        }
+    }
+
+    /// The command at `cons` was consumed; the buffer moves on to `new_cons`.
+    fn advance(&mut self, new_cons: u32) {
+        if self.next < self.len {
+            self.next = self.next.saturating_add(1);
+            self.cons = new_cons;
+        }
+    }
+
+    /// Fetches a run of contiguous entries from `cons` towards `prod` (up to the end of the
+    /// queue) with one read and returns the first. A run that cannot be read is fetched entry
+    /// by entry, so that the caller's CERROR_ABT names the exact entry.
+    fn fill<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        q: &QueueGeometry,
+        prod: u32,
+        cons: u32,
+    ) -> Option<RawCommand> {
+        self.clear();
+        let size = 1u32 << q.log2size;
+        let (rd, wr) = (q.index(cons), q.index(prod));
+        let pending = if wr > rd {
+            wr.wrapping_sub(rd)
+        } else {
+            size.saturating_sub(rd)
+        };
+        let run = usize::try_from(pending)
+            .unwrap_or(FETCH_BATCH)
+            .clamp(1, FETCH_BATCH);
+        let addr = q.entry_address(cons)?;
+        let mut buf = [0u8; FETCH_BATCH * 16];
+        let bytes = buf.get_mut(..run.saturating_mul(16))?;
+        if mem.read_slice(bytes, GuestAddress(addr)).is_err() {
+            return read_command(mem, addr);
+        }
+        for (slot, raw) in self.cmds.iter_mut().zip(bytes.chunks_exact(16)) {
+            let (d0, d1) = raw.split_at(8);
+            *slot = RawCommand {
+                d0: u64::from_le_bytes(d0.try_into().unwrap_or_default()),
+                d1: u64::from_le_bytes(d1.try_into().unwrap_or_default()),
+            };
+        }
+        self.len = run;
+        self.cons = cons;
+        self.cmds.first().copied()
+    }
+}
 
 /// A command that CERROR_ILL refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +114,10 @@ enum Outcome {
 impl Smmu {
     /// Processes the command queue until it is empty, disabled or stopped by an error, or until
     /// a CMD_SYNC must wait for effects to be carried out ([`CmdqStatus::SyncBarrier`]).
+    ///
+    /// Commands are fetched in runs of up to [`FETCH_BATCH`] contiguous entries with one guest
+    /// memory read; a run that cannot be read is fetched entry by entry, so that CERROR_ABT
+    /// names the exact entry.
     pub fn run_cmdq<M: GuestMemory>(&mut self, mem: &M) -> CmdqStatus {
         loop {
             if !self.regs.cr0.cmdqen() || self.regs.active_errors().cmdq_err() {
@@ -36,10 +131,11 @@ impl Smmu {
             if q.is_empty(self.regs.cmdq.prod, cons) {
                 return CmdqStatus::Idle;
             }
-            let Some(cmd) = q
-                .entry_address(cons)
-                .and_then(|addr| read_command(mem, addr))
-            else {
+            let cmd = match self.prefetch.take(cons) {
+                Some(cmd) => Some(cmd),
+                None => self.prefetch.fill(mem, &q, self.regs.cmdq.prod, cons),
+            };
+            let Some(cmd) = cmd else {
                 self.command_error(mem, cerror::ABT);
                 return CmdqStatus::Idle;
             };
@@ -47,9 +143,11 @@ impl Smmu {
                 Ok(Outcome::Done) => {
                     self.counters.commands = self.counters.commands.saturating_add(1);
                     self.regs.cmdq.cons = q.increment(cons);
+                    self.prefetch.advance(self.regs.cmdq.cons);
                 }
                 Ok(Outcome::Barrier) => return CmdqStatus::SyncBarrier,
                 Err(Illegal) => {
+                    self.prefetch.clear();
                     self.command_error(mem, cerror::ILL);
                     return CmdqStatus::Idle;
                 }

@@ -133,6 +133,7 @@ pub struct Smmu {
     effects: Vec<Effect>,
     actions: Vec<RegisterAction>,
     counters: Counters,
+    prefetch: cmdq::Prefetch,
 }
 
 /// The event type of a walk fault.
@@ -157,6 +158,7 @@ impl Smmu {
             effects: Vec::new(),
             actions: Vec::new(),
             counters: Counters::default(),
+            prefetch: cmdq::Prefetch::default(),
         }
     }
 
@@ -190,12 +192,18 @@ impl Smmu {
         self.regs = Registers::new(self.features.id_regs(), self.features.msi);
         self.iotlb.clear();
         self.configs.clear();
+        self.prefetch.clear();
         self.effects.push(Effect::StreamsChanged(SidRange::ALL));
     }
 
     /// Takes the effects produced so far, in order.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
+    }
+
+    /// Drains the effects produced so far, in order, keeping the buffer for reuse.
+    pub fn drain_effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effects.drain(..)
     }
 
     /// Whether effects are waiting.
@@ -212,7 +220,11 @@ impl Smmu {
     /// queue (re-)enable does not happen here: call [`Smmu::run_cmdq`] after every write.
     pub fn mmio_write<M: GuestMemory>(&mut self, mem: &M, offset: u64, size: u32, value: u64) {
         let mut actions = std::mem::take(&mut self.actions);
+        let cmdq_before = (self.regs.cmdq.base, self.regs.cmdq.cons, self.regs.cr0);
         self.regs.write(offset, size, value, &mut actions);
+        if (self.regs.cmdq.base, self.regs.cmdq.cons, self.regs.cr0) != cmdq_before {
+            self.prefetch.clear();
+        }
         for action in actions.drain(..) {
             self.apply(mem, action);
         }
