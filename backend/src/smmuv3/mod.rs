@@ -96,6 +96,26 @@ pub enum Effect {
     HostInvalidate(RawCommand),
 }
 
+/// What governs a stream's transactions right now, for the parts of the backend that mirror it
+/// outside the model (the frontend's address space for the device, the host's nested STE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamState {
+    /// SMMUEN = 0 and GBPA.ABORT = 0: every transaction bypasses.
+    GlobalBypass,
+    /// SMMUEN = 0 and GBPA.ABORT = 1: every transaction aborts.
+    GlobalAbort,
+    /// The STE the guest installed, and what it decodes to.
+    Ste {
+        /// The raw entry.
+        ste: spec::ste::Ste,
+        /// Its decoding, or why it is ILLEGAL.
+        config: Result<stream::StreamConfig, stream::ConfigFault>,
+    },
+    /// No STE is reachable for the StreamID (out of range, invalid L1 descriptor, fetch
+    /// abort).
+    Unreachable(stream::ConfigFault),
+}
+
 /// How a command-queue run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmdqStatus {
@@ -211,6 +231,21 @@ impl Smmu {
         !self.effects.is_empty()
     }
 
+    /// What governs stream `sid` now (reads the guest's stream table; records no event).
+    pub fn stream_state<M: GuestMemory>(&self, mem: &M, sid: u32) -> StreamState {
+        if !self.regs.cr0.smmuen() {
+            return if self.regs.gbpa.abort() {
+                StreamState::GlobalAbort
+            } else {
+                StreamState::GlobalBypass
+            };
+        }
+        match stream::fetch_ste(mem, &self.regs, &self.features, sid) {
+            Ok(ste) => StreamState::Ste { ste, config: stream::decode_ste(&ste, &self.features) },
+            Err(fault) => StreamState::Unreachable(fault),
+        }
+    }
+
     /// A guest register read.
     pub fn mmio_read(&mut self, offset: u64, size: u32) -> u64 {
         self.regs.read(offset, size)
@@ -290,5 +325,50 @@ impl Smmu {
         {
             self.effects.push(Effect::MsiWrite { address, data });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestMemoryMmap;
+
+    use super::spec::regs::offset;
+    use super::stream::{ConfigFault, StreamConfig};
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn stream_state_follows_gbpa_smmuen_and_the_stream_table() {
+        let mem = mem();
+        let mut smmu = Smmu::new(Features::qemu_default());
+        assert_eq!(smmu.stream_state(&mem, 3), StreamState::GlobalBypass, "GBPA resets to bypass");
+        // GBPA.ABORT with UPDATE.
+        smmu.mmio_write(&mem, offset::GBPA, 4, (1 << 31) | (1 << 20));
+        assert_eq!(smmu.mmio_read(offset::GBPA, 4), 1 << 20, "UPDATE reads 0 once done");
+        assert_eq!(smmu.stream_state(&mem, 3), StreamState::GlobalAbort);
+        let effects = smmu.take_effects();
+        assert!(effects.contains(&Effect::StreamsChanged(SidRange::ALL)), "{effects:?}");
+        // A linear table of 16 STEs at 0x8000; STE 3 bypasses.
+        mem.write_obj(0x9u64, GuestAddress(0x8000 + 3 * 64)).unwrap();
+        smmu.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000);
+        smmu.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 4);
+        smmu.mmio_write(&mem, offset::CR0, 4, 1);
+        match smmu.stream_state(&mem, 3) {
+            StreamState::Ste { ste, config } => {
+                assert_eq!(ste.words[0], 0x9);
+                assert_eq!(config, Ok(StreamConfig::Bypass));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(smmu.stream_state(&mem, 16), StreamState::Unreachable(ConfigFault::BadStreamId));
+        assert!(matches!(
+            smmu.stream_state(&mem, 4),
+            StreamState::Ste { config: Err(ConfigFault::BadSte), .. }
+        ));
+        // The query records nothing.
+        assert_eq!(smmu.counters().events, 0);
     }
 }
