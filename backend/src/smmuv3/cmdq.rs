@@ -204,13 +204,31 @@ impl Smmu {
                     tag.asid == Some(asid) && vmid(tag)
                 });
             }
-            Opcode::TLBI_NH_VA | Opcode::TLBI_NH_VAA => {
+            Opcode::TLBI_NH_VA => {
+                require(f.s1p)?;
+                self.valid_range(cmd)?;
+                let (start, last) = self.tlbi_range(cmd, cmd.address());
+                // Entries of the ASID (in the VMID), and global entries of the VMID.
+                let tag = TlbTag {
+                    vmid: f.s2p.then(|| cmd.vmid()),
+                    asid: Some(cmd.asid()),
+                };
+                if self.iotlb.has_global() || !self.iotlb.remove_range(tag, start, last) {
+                    let vmid = self.vmid_scope(cmd);
+                    self.iotlb.invalidate(|t, m| {
+                        t.asid.is_some()
+                            && vmid(t)
+                            && (t.asid == tag.asid || m.global)
+                            && overlaps(m, start, last)
+                    });
+                }
+                self.translations_stale(cmd, start, last);
+            }
+            Opcode::TLBI_NH_VAA => {
                 require(f.s1p)?;
                 self.valid_range(cmd)?;
                 let vmid = self.vmid_scope(cmd);
                 let (start, last) = self.tlbi_range(cmd, cmd.address());
-                // Global (nG = 0) entries match every ASID; this cache does not keep nG, so an
-                // address invalidation drops the range for every ASID of the VMID.
                 self.invalidate_tlb(cmd, start, last, |tag, m| {
                     tag.asid.is_some() && vmid(tag) && overlaps(m, start, last)
                 });
@@ -313,6 +331,11 @@ impl Smmu {
         stale: impl FnMut(&TlbTag, &super::walk::Mapping) -> bool,
     ) {
         self.iotlb.invalidate(stale);
+        self.translations_stale(cmd, start, last);
+    }
+
+    /// Tells the frontend which input range went stale and forwards the command to the host.
+    fn translations_stale(&mut self, cmd: &RawCommand, start: u64, last: u64) {
         self.effects
             .push(Effect::TranslationsInvalidated { start, last });
         self.effects.push(Effect::HostInvalidate(*cmd));

@@ -241,7 +241,10 @@ impl Smmu {
             };
         }
         match stream::fetch_ste(mem, &self.regs, &self.features, sid) {
-            Ok(ste) => StreamState::Ste { ste, config: stream::decode_ste(&ste, &self.features) },
+            Ok(ste) => StreamState::Ste {
+                ste,
+                config: stream::decode_ste(&ste, &self.features),
+            },
             Err(fault) => StreamState::Unreachable(fault),
         }
     }
@@ -344,15 +347,27 @@ mod tests {
     fn stream_state_follows_gbpa_smmuen_and_the_stream_table() {
         let mem = mem();
         let mut smmu = Smmu::new(Features::qemu_default());
-        assert_eq!(smmu.stream_state(&mem, 3), StreamState::GlobalBypass, "GBPA resets to bypass");
+        assert_eq!(
+            smmu.stream_state(&mem, 3),
+            StreamState::GlobalBypass,
+            "GBPA resets to bypass"
+        );
         // GBPA.ABORT with UPDATE.
         smmu.mmio_write(&mem, offset::GBPA, 4, (1 << 31) | (1 << 20));
-        assert_eq!(smmu.mmio_read(offset::GBPA, 4), 1 << 20, "UPDATE reads 0 once done");
+        assert_eq!(
+            smmu.mmio_read(offset::GBPA, 4),
+            1 << 20,
+            "UPDATE reads 0 once done"
+        );
         assert_eq!(smmu.stream_state(&mem, 3), StreamState::GlobalAbort);
         let effects = smmu.take_effects();
-        assert!(effects.contains(&Effect::StreamsChanged(SidRange::ALL)), "{effects:?}");
+        assert!(
+            effects.contains(&Effect::StreamsChanged(SidRange::ALL)),
+            "{effects:?}"
+        );
         // A linear table of 16 STEs at 0x8000; STE 3 bypasses.
-        mem.write_obj(0x9u64, GuestAddress(0x8000 + 3 * 64)).unwrap();
+        mem.write_obj(0x9u64, GuestAddress(0x8000 + 3 * 64))
+            .unwrap();
         smmu.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000);
         smmu.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 4);
         smmu.mmio_write(&mem, offset::CR0, 4, 1);
@@ -363,10 +378,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(smmu.stream_state(&mem, 16), StreamState::Unreachable(ConfigFault::BadStreamId));
+        assert_eq!(
+            smmu.stream_state(&mem, 16),
+            StreamState::Unreachable(ConfigFault::BadStreamId)
+        );
         assert!(matches!(
             smmu.stream_state(&mem, 4),
-            StreamState::Ste { config: Err(ConfigFault::BadSte), .. }
+            StreamState::Ste {
+                config: Err(ConfigFault::BadSte),
+                ..
+            }
         ));
         // The query records nothing.
         assert_eq!(smmu.counters().events, 0);

@@ -32,12 +32,18 @@ struct TlbKey {
     size_shift: u8,
 }
 
+/// Most (frame, block size) lookups an address invalidation does one by one before it scans
+/// the whole cache instead.
+const DIRECT_REMOVAL_LIMIT: u64 = 64;
+
 /// The IOTLB.
 #[derive(Debug, Default)]
 pub struct Iotlb {
     entries: FxHashMap<TlbKey, Mapping>,
     /// Bit n set: some entry has size_shift n.
     shifts: u64,
+    /// Some entry may be global (a stage-1 leaf with nG = 0).
+    has_global: bool,
 }
 
 impl Iotlb {
@@ -73,7 +79,43 @@ impl Iotlb {
             size_shift: mapping.size_shift as u8,
         };
         self.shifts |= 1u64 << mapping.size_shift;
+        self.has_global |= mapping.global;
         self.entries.insert(key, mapping);
+    }
+
+    /// Whether some entry may be global (matching every ASID).
+    pub fn has_global(&self) -> bool {
+        self.has_global
+    }
+
+    /// Drops the entries tagged `tag` whose block contains an address in `[start, last]`, by
+    /// direct lookups. Returns false, dropping nothing, when the range spans too many blocks
+    /// for that; the caller then scans with [`Iotlb::invalidate`].
+    pub fn remove_range(&mut self, tag: TlbTag, start: u64, last: u64) -> bool {
+        let mut lookups = 0u64;
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let shift = shifts.trailing_zeros();
+            shifts &= shifts.wrapping_sub(1);
+            let frames = (last >> shift).wrapping_sub(start >> shift);
+            lookups = lookups.saturating_add(frames).saturating_add(1);
+        }
+        if lookups > DIRECT_REMOVAL_LIMIT {
+            return false;
+        }
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let shift = shifts.trailing_zeros();
+            shifts &= shifts.wrapping_sub(1);
+            for frame in (start >> shift)..=(last >> shift) {
+                self.entries.remove(&TlbKey {
+                    tag,
+                    frame,
+                    size_shift: shift as u8,
+                });
+            }
+        }
+        true
     }
 
     /// Number of cached entries.
@@ -90,12 +132,18 @@ impl Iotlb {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.shifts = 0;
+        self.has_global = false;
     }
 
     /// Drops the entries for which `stale(tag, mapping)` holds.
     pub fn invalidate(&mut self, mut stale: impl FnMut(&TlbTag, &Mapping) -> bool) {
-        self.entries
-            .retain(|key, mapping| !stale(&key.tag, mapping));
+        let mut has_global = false;
+        self.entries.retain(|key, mapping| {
+            let keep = !stale(&key.tag, mapping);
+            has_global |= keep && mapping.global;
+            keep
+        });
+        self.has_global = has_global;
         if self.entries.is_empty() {
             self.shifts = 0;
         }
@@ -169,5 +217,81 @@ impl ConfigCache {
     pub fn clear(&mut self) {
         self.streams.clear();
         self.contexts.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smmuv3::walk::Perm;
+
+    fn mapping(input_base: u64, size_shift: u32, global: bool) -> Mapping {
+        Mapping {
+            input_base,
+            output_base: input_base ^ 0x1_0000_0000,
+            size_shift,
+            s1: Some(Perm::default()),
+            s2: None,
+            global,
+        }
+    }
+
+    const A: TlbTag = TlbTag { vmid: None, asid: Some(1) };
+    const B: TlbTag = TlbTag { vmid: None, asid: Some(2) };
+
+    #[test]
+    fn lookup_finds_pages_and_blocks() {
+        let mut tlb = Iotlb::default();
+        tlb.insert(A, mapping(0x4000_0000, 21, false));
+        tlb.insert(A, mapping(0x8000_1000, 12, false));
+        assert_eq!(tlb.lookup(A, 0x401f_ffff).map(|m| m.size_shift), Some(21));
+        assert_eq!(tlb.lookup(A, 0x8000_1fff).map(|m| m.size_shift), Some(12));
+        assert!(tlb.lookup(A, 0x8000_2000).is_none());
+        assert!(tlb.lookup(B, 0x4000_0000).is_none(), "tags keep ASIDs apart");
+    }
+
+    #[test]
+    fn direct_range_removal_is_exact_in_tag_and_range() {
+        let mut tlb = Iotlb::default();
+        for page in 0..8u64 {
+            tlb.insert(A, mapping(0x1000 * page, 12, false));
+            tlb.insert(B, mapping(0x1000 * page, 12, false));
+        }
+        tlb.insert(A, mapping(0x20_0000, 21, false));
+        assert!(tlb.remove_range(A, 0x2000, 0x4fff));
+        for page in 0..8u64 {
+            let gone = (2..=4).contains(&page);
+            assert_eq!(tlb.lookup(A, 0x1000 * page).is_none(), gone, "page {page}");
+            assert!(tlb.lookup(B, 0x1000 * page).is_some(), "other ASID untouched");
+        }
+        assert!(tlb.lookup(A, 0x20_0000).is_some(), "block outside the range kept");
+        // A range spanning a block's interior removes the block.
+        assert!(tlb.remove_range(A, 0x21_0000, 0x21_0000));
+        assert!(tlb.lookup(A, 0x20_0000).is_none());
+        // Too many frames: refused, nothing dropped.
+        assert!(!tlb.remove_range(B, 0, 0xfff_ffff));
+        assert_eq!(tlb.len(), 5 + 8);
+    }
+
+    #[test]
+    fn global_entries_are_tracked_until_dropped() {
+        let mut tlb = Iotlb::default();
+        tlb.insert(A, mapping(0x1000, 12, false));
+        assert!(!tlb.has_global());
+        tlb.insert(A, mapping(0x2000, 12, true));
+        assert!(tlb.has_global());
+        tlb.invalidate(|_, m| m.global);
+        assert!(!tlb.has_global());
+        assert_eq!(tlb.len(), 1);
+    }
+
+    #[test]
+    fn capacity_bounds_the_cache() {
+        let mut tlb = Iotlb::default();
+        for i in 0..(IOTLB_CAPACITY as u64 + 10) {
+            tlb.insert(A, mapping(i << 12, 12, false));
+        }
+        assert!(tlb.len() <= IOTLB_CAPACITY);
+        assert!(tlb.lookup(A, (IOTLB_CAPACITY as u64 + 9) << 12).is_some(), "newest kept");
     }
 }

@@ -209,20 +209,24 @@ impl Smmu {
         }
         let s1_walk = context.as_ref().map(|c| &c.walk);
         let s2_walk = s2.as_ref().map(|s| &s.walk);
-        if s1_walk.is_none() && s2_walk.is_none() {
-            // Both stages bypassed (STE bypass, or S1DSS bypass without stage 2): the input is
-            // the output, and one beyond the OAS is an F_ADDR_SIZE that is always recorded.
-            if iova >= oas_limit && !access.is_probe() {
-                let fault = WalkFault {
-                    kind: FaultKind::AddrSize,
-                    stage2: false,
-                    class: FaultClass::In,
-                    ipa: 0,
-                    fetch_addr: 0,
-                };
-                let event = txn.walk_event(&fault);
-                return Err(self.report(mem, true, event));
+        // Stage 1 bypassed (Config 0b1x0, or S1DSS bypass): an input beyond the input address
+        // size (the OAS here) is a stage-1 F_ADDR_SIZE, always recorded (SMMUv3 3.4).
+        if s1_walk.is_none() && iova >= oas_limit {
+            if access.is_probe() {
+                return Err(TranslationFault { event: None });
             }
+            let fault = WalkFault {
+                kind: FaultKind::AddrSize,
+                stage2: false,
+                class: FaultClass::In,
+                ipa: 0,
+                fetch_addr: 0,
+            };
+            let event = txn.walk_event(&fault);
+            return Err(self.report(mem, true, event));
+        }
+        if s1_walk.is_none() && s2_walk.is_none() {
+            // Both stages bypassed: the input is the output.
             return Ok(Translation::identity());
         }
         match walk::translate(mem, s1_walk, s2_walk, iova, access) {
