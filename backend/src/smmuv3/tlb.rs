@@ -236,8 +236,14 @@ mod tests {
         }
     }
 
-    const A: TlbTag = TlbTag { vmid: None, asid: Some(1) };
-    const B: TlbTag = TlbTag { vmid: None, asid: Some(2) };
+    const A: TlbTag = TlbTag {
+        vmid: None,
+        asid: Some(1),
+    };
+    const B: TlbTag = TlbTag {
+        vmid: None,
+        asid: Some(2),
+    };
 
     #[test]
     fn lookup_finds_pages_and_blocks() {
@@ -247,7 +253,10 @@ mod tests {
         assert_eq!(tlb.lookup(A, 0x401f_ffff).map(|m| m.size_shift), Some(21));
         assert_eq!(tlb.lookup(A, 0x8000_1fff).map(|m| m.size_shift), Some(12));
         assert!(tlb.lookup(A, 0x8000_2000).is_none());
-        assert!(tlb.lookup(B, 0x4000_0000).is_none(), "tags keep ASIDs apart");
+        assert!(
+            tlb.lookup(B, 0x4000_0000).is_none(),
+            "tags keep ASIDs apart"
+        );
     }
 
     #[test]
@@ -262,9 +271,15 @@ mod tests {
         for page in 0..8u64 {
             let gone = (2..=4).contains(&page);
             assert_eq!(tlb.lookup(A, 0x1000 * page).is_none(), gone, "page {page}");
-            assert!(tlb.lookup(B, 0x1000 * page).is_some(), "other ASID untouched");
+            assert!(
+                tlb.lookup(B, 0x1000 * page).is_some(),
+                "other ASID untouched"
+            );
         }
-        assert!(tlb.lookup(A, 0x20_0000).is_some(), "block outside the range kept");
+        assert!(
+            tlb.lookup(A, 0x20_0000).is_some(),
+            "block outside the range kept"
+        );
         // A range spanning a block's interior removes the block.
         assert!(tlb.remove_range(A, 0x21_0000, 0x21_0000));
         assert!(tlb.lookup(A, 0x20_0000).is_none());
@@ -292,6 +307,9 @@ mod tests {
             tlb.insert(A, mapping(i << 12, 12, false));
         }
         assert!(tlb.len() <= IOTLB_CAPACITY);
-        assert!(tlb.lookup(A, (IOTLB_CAPACITY as u64 + 9) << 12).is_some(), "newest kept");
+        assert!(
+            tlb.lookup(A, (IOTLB_CAPACITY as u64 + 9) << 12).is_some(),
+            "newest kept"
+        );
     }
 }
