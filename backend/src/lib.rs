@@ -1,9 +1,25 @@
 //! `viommu-backend`: an out-of-process virtual ARM SMMUv3 for QEMU.
 //!
-//! This crate holds the daemon's library: today the connection handling of the vIOMMU-user
-//! protocol up to feature negotiation ([`session`]). The SMMUv3 model, the iommufd host backend
-//! and the full session follow in their own modules.
+//! - [`smmuv3`]: the SMMUv3 model, a pure library over guest memory;
+//! - [`session`]: one frontend connection, the protocol around the model;
+//! - [`memory`]: guest RAM from the frontend's memory table;
+//! - [`daemon`]: the event loop that serves frontends one after another;
+//! - [`inherited`]: adopting a socket passed with `--fd`.
 
+pub mod daemon;
 pub mod inherited;
+pub mod memory;
 pub mod session;
 pub mod smmuv3;
+
+/// An error and its sources, joined for a log line or an error reply.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -2,30 +2,37 @@
 //!
 //! Command line per QEMU's backend program conventions (docs/interop/vhost-user.rst, "Backend
 //! program conventions"): `--socket-path` or `--fd`, `--print-capabilities`; it never
-//! daemonizes and exits promptly on SIGTERM.
+//! daemonizes and exits promptly on SIGTERM or SIGINT.
 
+use std::io::ErrorKind;
 use std::os::fd::RawFd;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
 use log::{error, info};
+use viommu_backend::daemon::{self, Shutdown};
 use viommu_backend::inherited;
-use viommu_backend::session::{self, OFFERED_FEATURES};
+use viommu_backend::session::OFFERED_FEATURES;
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.
+///
+/// Example: viommu-backend --socket-path /run/viommu/vm1-smmu0.sock
 #[derive(Debug, Parser)]
-#[command(version, about, group(ArgGroup::new("socket").args(["socket_path", "fd"])))]
+#[command(version, about, long_about, group(ArgGroup::new("socket").args(["socket_path", "fd"])))]
 struct Args {
     /// Listen on this Unix socket path and serve one frontend at a time, listening again after
-    /// each disconnect. Example: --socket-path /run/viommu/vm1-smmu0.sock
+    /// each disconnect. A stale socket file left by a dead backend is replaced; one that a live
+    /// process listens on is an error. Example: --socket-path /run/viommu/vm1-smmu0.sock
     #[arg(long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
 
     /// Serve the already connected Unix stream socket inherited as this file descriptor (one
-    /// end of a socketpair made by the management layer), then exit. Example: --fd 3
+    /// end of a socketpair made by the management layer, as libvirt does for vhost-user-gpu),
+    /// then exit. Example: --fd 3
     #[arg(long, value_name = "FDNUM")]
     fd: Option<RawFd>,
 
@@ -34,6 +41,7 @@ struct Args {
     print_capabilities: bool,
 
     /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, takes precedence).
+    /// Example: --log-level debug
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
 }
@@ -61,7 +69,7 @@ fn main() -> ExitCode {
 fn capabilities() -> String {
     let features: Vec<String> = OFFERED_FEATURES
         .iter_names()
-        .map(|(name, _)| format!("\"{}\"", name.to_lowercase()))
+        .map(|(name, _)| format!("\"{}\"", name.to_lowercase().replace('_', "-")))
         .collect();
     format!(
         "{{\"type\": \"viommu-smmuv3\", \"features\": [{}]}}",
@@ -71,24 +79,48 @@ fn capabilities() -> String {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     match (&args.socket_path, args.fd) {
-        (Some(path), None) => listen(path),
+        (Some(path), None) => {
+            let listener = listen(path)?;
+            let shutdown = Shutdown::install()?;
+            info!("listening on {}", path.display());
+            let result = daemon::serve_listener(&listener, &shutdown);
+            let _ = std::fs::remove_file(path);
+            result?;
+            Ok(())
+        }
         (None, Some(fd)) => {
             let stream = inherited::unix_stream(fd)?;
-            session::serve(stream).context("session failed")
+            let shutdown = Shutdown::install()?;
+            daemon::serve_connection(stream, &shutdown)?;
+            Ok(())
         }
         _ => bail!("one of --socket-path or --fd is required (see --help)"),
     }
 }
 
-fn listen(path: &PathBuf) -> anyhow::Result<()> {
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    info!("listening on {}", path.display());
-    loop {
-        let (stream, _) = listener.accept().context("accept failed")?;
-        info!("frontend connected");
-        if let Err(err) = session::serve(stream) {
-            error!("session ended: {}", session::error_chain(&err));
+/// Binds the listening socket, replacing a stale socket file nobody listens on.
+fn listen(path: &Path) -> anyhow::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == ErrorKind::AddrInUse => {
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if !is_socket {
+                bail!(
+                    "cannot listen on {}: the path exists and is not a socket",
+                    path.display()
+                );
+            }
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "cannot listen on {}: another process is listening on it",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+            UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
         }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {}", path.display())),
     }
 }

@@ -1,123 +1,781 @@
-//! One frontend connection.
+//! One frontend connection: the protocol's state machine around the SMMUv3 model.
 //!
-//! This is the skeleton of the session: it negotiates features and refuses everything that
-//! needs the vSMMU model, which does not exist yet, with an honest error reply. Malformed
-//! messages get the error reply the protocol prescribes, or a closed connection where the
-//! frontend could not learn of the failure.
+//! The session owns everything the frontend handed over (guest RAM mappings, eventfds, the
+//! backend channel) and the model. Dropping it releases all of it. Guest mistakes never become
+//! protocol errors: they are the model's business. Protocol errors get the reply the protocol
+//! prescribes, and a failure the frontend could not learn of ends the session.
 
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use log::{debug, info, warn};
+use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, memfd_create};
+use serde::{Deserialize, Serialize};
+use viommu_protocol::types::{
+    Access, AddressSpace, ConfigFlags, IotlbInvalidate, IrqIndex, MmioAccess, ModelConfig,
+    MsiWrite, Perm, TranslateReply, TranslateRequest,
+};
 use viommu_protocol::{
-    Backend, Error, ErrorReply, Features, FrontendReply, FrontendRequest, Request, Status,
+    AttachDevice, Backend, BackendChannel, BackendReply, BackendRequest, Error, ErrorReply,
+    Features, FrontendReply, FrontendRequest, Incoming, Request, StateBlob, Status,
 };
 
-/// Features this backend offers. None yet: each comes with the issue that implements it.
-pub const OFFERED_FEATURES: Features = Features::empty();
+use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
+use crate::smmuv3::snapshot::SmmuSnapshot;
+use crate::smmuv3::stream::StreamConfig;
+use crate::smmuv3::walk::AccessKind;
+use crate::smmuv3::{self, CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
+
+/// Features this backend offers. PASSTHROUGH comes with the iommufd host layer.
+pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
+    .union(Features::MEM_SLOTS)
+    .union(Features::TRANSLATE)
+    .union(Features::STATE)
+    .union(Features::MSI);
+
+/// How long a peer may take to finish a message it started, or to answer on the backend
+/// channel, before the session gives up on it.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors that end a session.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// The connection failed or the frontend broke the framing.
+    /// The main connection failed or the frontend broke the framing.
     #[error("connection to the frontend failed")]
     Connection(#[source] Error),
-    /// The frontend sent an invalid message it did not wait for an answer to, so the failure
-    /// cannot be reported on the connection.
-    #[error("invalid posted message from the frontend")]
-    InvalidPosted(#[source] Error),
+    /// The backend channel failed.
+    #[error("backend channel failed")]
+    Channel(#[source] Error),
+    /// The frontend sent a message it did not wait for an answer to, and it failed, so the
+    /// failure cannot be reported on the connection.
+    #[error("posted {request} failed: {status}: {message}")]
+    PostedFailure {
+        /// The request's name.
+        request: &'static str,
+        /// Why.
+        status: Status,
+        /// Details.
+        message: String,
+    },
 }
 
-/// Where a connection stands in the protocol's lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+/// Where the connection stands (docs/protocol.md, section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
     Connected,
-    Negotiated(Features),
+    Negotiated,
+    Configured,
+    Running,
 }
 
-/// Serves one frontend until it disconnects. A clean disconnect is `Ok`.
-pub fn serve(stream: UnixStream) -> Result<(), SessionError> {
-    let conn = Backend::new(stream);
-    let mut state = State::Connected;
-    loop {
-        let incoming = match conn.recv() {
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The state names of docs/protocol.md, section 4.
+        f.write_str(match self {
+            Self::Connected => "CONNECTED",
+            Self::Negotiated => "NEGOTIATED",
+            Self::Configured => "CONFIGURED",
+            Self::Running => "RUNNING",
+        })
+    }
+}
+
+/// An attached device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Device {
+    /// Its stream ID as last known.
+    sid: u32,
+    /// The address space the frontend was last told.
+    #[serde(skip, default = "translated")]
+    space: AddressSpace,
+}
+
+fn translated() -> AddressSpace {
+    AddressSpace::Translated
+}
+
+/// The GET_STATE blob.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionState {
+    /// Format version.
+    version: u32,
+    /// The model's registers.
+    smmu: SmmuSnapshot,
+    /// Attached devices by handle, for a consistency check on restore.
+    devices: BTreeMap<u32, u32>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+/// Counters of a session, for the status line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionCounters {
+    /// Messages handled.
+    pub messages: u64,
+    /// Messages refused.
+    pub refused: u64,
+    /// TRANSLATE requests.
+    pub translations: u64,
+}
+
+/// One frontend connection.
+pub struct Session {
+    conn: Backend,
+    phase: Phase,
+    features: Features,
+    smmu: Option<Smmu>,
+    ram: GuestRam,
+    irqs: [Option<OwnedFd>; 4],
+    channel: Option<BackendChannel>,
+    devices: BTreeMap<u32, Device>,
+    counters: SessionCounters,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("phase", &self.phase)
+            .field("features", &self.features)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse(status: Status, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(status, message)
+}
+
+impl Session {
+    /// A session on a connected stream.
+    pub fn new(stream: UnixStream) -> Self {
+        // A peer that stops in the middle of a message must not hang the backend.
+        if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
+            warn!("cannot set a read timeout on the connection: {e}");
+        }
+        Self {
+            conn: Backend::new(stream),
+            phase: Phase::Connected,
+            features: Features::empty(),
+            smmu: None,
+            ram: GuestRam::default(),
+            irqs: [None, None, None, None],
+            channel: None,
+            devices: BTreeMap::new(),
+            counters: SessionCounters::default(),
+        }
+    }
+
+    /// The main connection (for polling).
+    pub fn connection(&self) -> &UnixStream {
+        self.conn.stream()
+    }
+
+    /// The backend channel, once set (for polling its hang-up).
+    pub fn channel(&self) -> Option<&UnixStream> {
+        self.channel.as_ref().map(|c| c.stream())
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> SessionCounters {
+        self.counters
+    }
+
+    /// The model, once configured.
+    pub fn smmu(&self) -> Option<&Smmu> {
+        self.smmu.as_ref()
+    }
+
+    /// Number of attached devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Handles one message from the frontend. `Ok(false)`: the frontend disconnected cleanly.
+    pub fn handle_one(&mut self) -> Result<bool, SessionError> {
+        let incoming = match self.conn.recv() {
             Ok(incoming) => incoming,
-            Err(Error::Disconnected) => {
-                info!("frontend disconnected");
-                return Ok(());
-            }
-            Err(err) => match err.reply_token() {
-                Some(token) if token.expects_reply => {
-                    warn!("refusing a message: {}", error_chain(&err));
-                    let reply = ErrorReply::new(err.reply_status(), error_chain(&err));
-                    conn.reply_error(token, &reply)
-                        .map_err(SessionError::Connection)?;
-                    continue;
+            Err(Error::Disconnected) => return Ok(false),
+            Err(err) => {
+                let Some(token) = err.reply_token() else {
+                    return Err(SessionError::Connection(err));
+                };
+                self.counters.refused = self.counters.refused.saturating_add(1);
+                let text = crate::error_chain(&err);
+                if !token.expects_reply {
+                    return Err(SessionError::PostedFailure {
+                        request: FrontendRequest::name_of(token.request),
+                        status: err.reply_status(),
+                        message: text,
+                    });
                 }
-                Some(_) => return Err(SessionError::InvalidPosted(err)),
-                None => return Err(SessionError::Connection(err)),
-            },
+                warn!("refused a message: {text}");
+                let reply = ErrorReply::new(err.reply_status(), text);
+                self.conn
+                    .reply_error(token, &reply)
+                    .map_err(SessionError::Connection)?;
+                return Ok(true);
+            }
         };
-        let name = incoming.request.name();
-        debug!("received {name}");
-        let result = handle(&mut state, incoming.request);
+        self.counters.messages = self.counters.messages.saturating_add(1);
+        let Incoming { request, token } = incoming;
+        let name = request.name();
+        debug!("{name}");
+        let result = self.dispatch(request);
         if let Err(err) = &result {
+            self.counters.refused = self.counters.refused.saturating_add(1);
             warn!("{name} refused: {}: {}", err.status, err.message);
-            if !incoming.token.expects_reply {
-                // A posted message failed: the frontend cannot learn of it.
-                return Err(SessionError::InvalidPosted(Error::Remote {
+            if !token.expects_reply {
+                return Err(SessionError::PostedFailure {
                     request: name,
                     status: err.status,
                     message: err.message.clone(),
-                }));
+                });
             }
         }
-        conn.reply(incoming.token, result)
+        self.conn
+            .reply(token, result)
             .map_err(SessionError::Connection)?;
+        Ok(true)
     }
-}
 
-fn handle(state: &mut State, request: FrontendRequest) -> Result<FrontendReply, ErrorReply> {
-    match (request, *state) {
-        (FrontendRequest::GetFeatures, _) => Ok(FrontendReply::Features(OFFERED_FEATURES)),
-        (FrontendRequest::SetFeatures(wanted), State::Connected) => {
-            if !OFFERED_FEATURES.contains(wanted) {
-                return Err(ErrorReply::new(
-                    Status::INVALID_ARGUMENT,
-                    format!(
-                        "features {:#x} were not offered",
-                        wanted.difference(OFFERED_FEATURES).bits()
-                    ),
-                ));
-            }
-            *state = State::Negotiated(wanted);
-            Ok(FrontendReply::Ack)
+    fn require(&self, phase: Phase, name: &str) -> Result<(), ErrorReply> {
+        if self.phase >= phase {
+            Ok(())
+        } else {
+            Err(refuse(
+                Status::BAD_STATE,
+                format!("{name} not allowed in state {}", self.phase),
+            ))
         }
-        (FrontendRequest::SetFeatures(_), State::Negotiated(_)) => Err(ErrorReply::new(
-            Status::BAD_STATE,
-            "SET_FEATURES is accepted once per connection",
-        )),
-        (other, State::Connected) => Err(ErrorReply::new(
-            Status::BAD_STATE,
-            format!("{} not allowed in state CONNECTED", other.name()),
-        )),
-        (other, State::Negotiated(_)) => Err(ErrorReply::new(
-            Status::INTERNAL,
-            format!(
-                "{} needs the vSMMU model, which is not implemented yet",
-                other.name()
-            ),
-        )),
+    }
+
+    fn require_feature(&self, feature: Features, name: &str) -> Result<(), ErrorReply> {
+        if self.features.contains(feature) {
+            Ok(())
+        } else {
+            Err(refuse(
+                Status::NOT_NEGOTIATED,
+                format!("{name} needs feature {feature:?}"),
+            ))
+        }
+    }
+
+    /// The model, entering RUNNING: the guest may now see it.
+    fn running(&mut self) -> &mut Smmu {
+        self.phase = Phase::Running;
+        // require(Configured) ran first, so the model exists.
+        self.smmu
+            .get_or_insert_with(|| Smmu::new(smmuv3::Features::qemu_default()))
+    }
+
+    fn dispatch(&mut self, request: FrontendRequest) -> Result<FrontendReply, ErrorReply> {
+        let name = request.name();
+        match request {
+            FrontendRequest::GetFeatures => Ok(FrontendReply::Features(OFFERED_FEATURES)),
+            FrontendRequest::SetFeatures(wanted) => {
+                if self.phase != Phase::Connected {
+                    return Err(refuse(Status::BAD_STATE, "SET_FEATURES is accepted once"));
+                }
+                if !OFFERED_FEATURES.contains(wanted) {
+                    let extra = wanted.difference(OFFERED_FEATURES).bits();
+                    return Err(refuse(
+                        Status::INVALID_ARGUMENT,
+                        format!("features {extra:#x} were not offered"),
+                    ));
+                }
+                if wanted.contains(Features::MSI) && !wanted.contains(Features::BACKEND_CHANNEL) {
+                    return Err(refuse(
+                        Status::INVALID_ARGUMENT,
+                        "MSI needs BACKEND_CHANNEL",
+                    ));
+                }
+                self.features = wanted;
+                self.phase = Phase::Negotiated;
+                info!("features negotiated: {wanted:?}");
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::SetConfig(cfg) => self.set_config(&cfg),
+            FrontendRequest::GetIdRegs => {
+                self.require(Phase::Configured, name)?;
+                Ok(FrontendReply::IdRegs(self.running().id_regs()))
+            }
+            FrontendRequest::SetBackendChannel(stream) => {
+                self.require(Phase::Negotiated, name)?;
+                self.require_feature(Features::BACKEND_CHANNEL, name)?;
+                if self.channel.is_some() {
+                    return Err(refuse(
+                        Status::BAD_STATE,
+                        "the backend channel is already set",
+                    ));
+                }
+                if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
+                    warn!("cannot set a read timeout on the backend channel: {e}");
+                }
+                self.channel = Some(BackendChannel::new(stream));
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::SetMemTable(regions) => {
+                self.require(Phase::Negotiated, name)?;
+                self.ram = memory::from_table(regions).map_err(memory_refusal)?;
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::GetMaxMemSlots => {
+                self.require(Phase::Negotiated, name)?;
+                self.require_feature(Features::MEM_SLOTS, name)?;
+                Ok(FrontendReply::MaxMemSlots(MAX_MEM_SLOTS as u64))
+            }
+            FrontendRequest::AddMemReg(region, fd) => {
+                self.require(Phase::Negotiated, name)?;
+                self.require_feature(Features::MEM_SLOTS, name)?;
+                self.ram = memory::add(&self.ram, &region, fd).map_err(memory_refusal)?;
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::RemMemReg(region) => {
+                self.require(Phase::Negotiated, name)?;
+                self.require_feature(Features::MEM_SLOTS, name)?;
+                self.ram = memory::remove(&self.ram, &region).map_err(memory_refusal)?;
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::SetIrqFd { index, fd } => {
+                self.require(Phase::Negotiated, name)?;
+                let slot = self.irqs.get_mut(index.index() as usize);
+                if let Some(slot) = slot {
+                    *slot = fd;
+                }
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::MmioRead(access) => {
+                self.require(Phase::Configured, name)?;
+                let value = self.running().mmio_read(access.offset, access.size.bytes());
+                Ok(FrontendReply::MmioValue(value))
+            }
+            FrontendRequest::MmioWrite { access, value } => {
+                self.require(Phase::Configured, name)?;
+                self.mmio_write(access, value)?;
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::SetIommufd(_) => {
+                self.require(Phase::Negotiated, name)?;
+                Err(refuse(
+                    Status::NOT_NEGOTIATED,
+                    "SET_IOMMUFD needs feature PASSTHROUGH",
+                ))
+            }
+            FrontendRequest::AttachDevice(dev) => self.attach(dev),
+            FrontendRequest::DetachDevice { handle } => {
+                self.require(Phase::Configured, name)?;
+                match self.devices.remove(&handle) {
+                    Some(dev) => {
+                        info!("device {handle} (SID {:#x}) detached", dev.sid);
+                        Ok(FrontendReply::Ack)
+                    }
+                    None => Err(refuse(
+                        Status::NOT_FOUND,
+                        format!("no device with handle {handle}"),
+                    )),
+                }
+            }
+            FrontendRequest::Translate(t) => {
+                self.require(Phase::Configured, name)?;
+                self.require_feature(Features::TRANSLATE, name)?;
+                self.translate(&t).map(FrontendReply::Translate)
+            }
+            FrontendRequest::Reset => {
+                self.require(Phase::Configured, name)?;
+                if let Some(smmu) = self.smmu.as_mut() {
+                    smmu.reset();
+                }
+                self.run_effects()?;
+                info!("vSMMU reset");
+                Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::GetState => {
+                self.require(Phase::Configured, name)?;
+                self.require_feature(Features::STATE, name)?;
+                self.get_state().map(FrontendReply::State)
+            }
+            FrontendRequest::SetState(blob) => {
+                self.require(Phase::Configured, name)?;
+                self.require_feature(Features::STATE, name)?;
+                if self.phase == Phase::Running {
+                    return Err(refuse(Status::BAD_STATE, "SET_STATE after the guest ran"));
+                }
+                self.set_state(blob)?;
+                Ok(FrontendReply::Ack)
+            }
+        }
+    }
+
+    fn set_config(&mut self, cfg: &ModelConfig) -> Result<FrontendReply, ErrorReply> {
+        if self.phase != Phase::Negotiated {
+            return Err(refuse(
+                Status::BAD_STATE,
+                format!("SET_CONFIG not allowed in state {}", self.phase),
+            ));
+        }
+        if cfg.flags.contains(ConfigFlags::IDR_AUTO) {
+            return Err(refuse(
+                Status::NOT_NEGOTIATED,
+                "IDR_AUTO needs feature PASSTHROUGH",
+            ));
+        }
+        if cfg.flags.contains(ConfigFlags::MSI) && !self.features.contains(Features::MSI) {
+            return Err(refuse(
+                Status::NOT_NEGOTIATED,
+                "the MSI flag needs feature MSI",
+            ));
+        }
+        let features = smmuv3::Features::from_config(cfg);
+        info!("vSMMU configured: {features:?}");
+        self.smmu = Some(Smmu::new(features));
+        self.phase = Phase::Configured;
+        Ok(FrontendReply::Ack)
+    }
+
+    fn attach(&mut self, dev: AttachDevice) -> Result<FrontendReply, ErrorReply> {
+        self.require(Phase::Configured, "ATTACH_DEVICE")?;
+        if dev.passthrough.is_some() {
+            return Err(refuse(
+                Status::NOT_NEGOTIATED,
+                "passthrough devices need feature PASSTHROUGH",
+            ));
+        }
+        self.require_feature(Features::TRANSLATE, "an emulated device")?;
+        if self.devices.contains_key(&dev.handle) {
+            return Err(refuse(
+                Status::EXISTS,
+                format!("handle {} is attached", dev.handle),
+            ));
+        }
+        self.devices.insert(
+            dev.handle,
+            Device {
+                sid: dev.sid,
+                space: AddressSpace::Translated,
+            },
+        );
+        info!("device {} attached at SID {:#x}", dev.handle, dev.sid);
+        // Tell the frontend the device's address space before the reply.
+        self.update_spaces(
+            SidRange {
+                first: dev.sid,
+                last: dev.sid,
+            },
+            &mut Vec::new(),
+        )?;
+        Ok(FrontendReply::Ack)
+    }
+
+    fn mmio_write(&mut self, access: MmioAccess, value: u64) -> Result<(), ErrorReply> {
+        let ram = &self.ram;
+        self.phase = Phase::Running;
+        let Some(smmu) = self.smmu.as_mut() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        smmu.mmio_write(ram, access.offset, access.size.bytes(), value);
+        loop {
+            let status = match self.smmu.as_mut() {
+                Some(smmu) => smmu.run_cmdq(&self.ram),
+                None => CmdqStatus::Idle,
+            };
+            // Effects before a CMD_SYNC are carried out (and acknowledged on the backend
+            // channel) before the sync completes.
+            self.run_effects()?;
+            if status == CmdqStatus::Idle {
+                return Ok(());
+            }
+        }
+    }
+
+    fn translate(&mut self, t: &TranslateRequest) -> Result<TranslateReply, ErrorReply> {
+        self.counters.translations = self.counters.translations.saturating_add(1);
+        let access = AccessKind {
+            read: t.access.contains(Access::READ),
+            write: t.access.contains(Access::WRITE),
+            exec: t.access.contains(Access::EXEC),
+            privileged: t.access.contains(Access::PRIV),
+        };
+        let ram = &self.ram;
+        self.phase = Phase::Running;
+        let Some(smmu) = self.smmu.as_mut() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        let result = smmu.translate(ram, t.sid, t.ssid, t.iova, access);
+        self.run_effects()?;
+        Ok(match result {
+            Ok(tr) => {
+                let mask = 1u64
+                    .checked_shl(tr.size_shift)
+                    .map_or(u64::MAX, |s| s.wrapping_sub(1));
+                let mut perm = Perm::empty();
+                perm.set(Perm::READ, tr.read);
+                perm.set(Perm::WRITE, tr.write);
+                if perm.is_empty() {
+                    // Reachable only for probes of a mapping that allows nothing.
+                    TranslateReply::Fault { event: 0 }
+                } else {
+                    TranslateReply::Translated {
+                        addr: tr.output_base,
+                        addr_mask: mask,
+                        perm,
+                    }
+                }
+            }
+            Err(fault) => TranslateReply::Fault {
+                event: fault.event.map_or(0, |e| e.0),
+            },
+        })
+    }
+
+    /// Carries out the model's effects: interrupt eventfds, and the backend-channel messages
+    /// the frontend must have processed before the guest can observe completion (the last one
+    /// is sent with NEED_REPLY and waited for).
+    fn run_effects(&mut self) -> Result<(), ErrorReply> {
+        let effects: Vec<Effect> = match self.smmu.as_mut() {
+            Some(smmu) if smmu.has_effects() => smmu.take_effects(),
+            _ => return Ok(()),
+        };
+        let mut outgoing = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Irq(line) => self.pulse(line),
+                Effect::MsiWrite { address, data } => {
+                    outgoing.push(BackendRequest::MsiWrite(MsiWrite { address, data }));
+                }
+                Effect::StreamsChanged(range) => {
+                    self.update_spaces(range, &mut outgoing)?;
+                }
+                Effect::TranslationsInvalidated { start, last } => {
+                    outgoing.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
+                        handle: None,
+                        ssid: None,
+                        start,
+                        last,
+                    }));
+                }
+                // Host invalidations concern passthrough devices, which need PASSTHROUGH.
+                Effect::HostInvalidate(_) => {}
+            }
+        }
+        self.send_backend(outgoing)
+    }
+
+    /// Re-evaluates the address space of every attached device in `range`, queueing
+    /// SET_ADDRESS_SPACE for those that changed and IOTLB_INVALIDATE for all of them (their
+    /// configuration changed).
+    fn update_spaces(
+        &mut self,
+        range: SidRange,
+        out: &mut Vec<BackendRequest>,
+    ) -> Result<(), ErrorReply> {
+        let Some(smmu) = self.smmu.as_ref() else {
+            return Ok(());
+        };
+        let mut matched = false;
+        for (&handle, dev) in self.devices.iter_mut() {
+            if !(range.first..=range.last).contains(&dev.sid) {
+                continue;
+            }
+            matched = true;
+            let space = address_space(smmu.stream_state(&self.ram, dev.sid));
+            if space != dev.space {
+                dev.space = space;
+                debug!("device {handle}: address space {space:?}");
+                out.push(BackendRequest::SetAddressSpace { handle, space });
+            }
+            out.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
+                handle: Some(handle),
+                ssid: None,
+                start: 0,
+                last: u64::MAX,
+            }));
+        }
+        // A single stream the backend knows no device for: ask the frontend who is there now
+        // (the guest may have renumbered its buses).
+        if !matched && range.first == range.last && self.channel.is_some() {
+            self.send_backend(std::mem::take(out))?;
+            let sid = range.first;
+            if let Some(handle) = self.resolve_sid(sid)?
+                && let Some(dev) = self.devices.get_mut(&handle)
+            {
+                info!("device {handle} is now at SID {sid:#x}");
+                dev.sid = sid;
+                return self.update_spaces(range, out);
+            }
+        }
+        if self.channel.is_none() {
+            out.clear();
+        }
+        self.send_backend(std::mem::take(out))
+    }
+
+    fn resolve_sid(&mut self, sid: u32) -> Result<Option<u32>, ErrorReply> {
+        let Some(channel) = self.channel.as_ref() else {
+            return Ok(None);
+        };
+        match channel.call(&BackendRequest::ResolveSid { sid }) {
+            Ok(BackendReply::ResolveSid(handle)) => Ok(handle),
+            Ok(other) => Err(refuse(
+                Status::INTERNAL,
+                format!("RESOLVE_SID answered with {other:?}"),
+            )),
+            Err(e) if !e.is_fatal() => {
+                warn!("RESOLVE_SID {sid:#x} failed: {}", crate::error_chain(&e));
+                Ok(None)
+            }
+            Err(e) => Err(channel_failure(&e)),
+        }
+    }
+
+    /// Sends backend-channel requests in order: all posted but the last, which is
+    /// acknowledged, so that the frontend has processed all of them on return.
+    fn send_backend(&mut self, requests: Vec<BackendRequest>) -> Result<(), ErrorReply> {
+        let Some(channel) = self.channel.as_ref() else {
+            return Ok(());
+        };
+        let count = requests.len();
+        for (i, request) in requests.into_iter().enumerate() {
+            let last = i.saturating_add(1) == count;
+            let result = if last {
+                channel.call(&request).map(drop)
+            } else {
+                channel.post(&request)
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if !e.is_fatal() => {
+                    warn!("{} failed: {}", request.name(), crate::error_chain(&e))
+                }
+                Err(e) => return Err(channel_failure(&e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn pulse(&self, line: IrqLine) {
+        let index = match line {
+            IrqLine::Evtq => IrqIndex::Evtq,
+            IrqLine::Priq => IrqIndex::Priq,
+            IrqLine::CmdSync => IrqIndex::CmdSync,
+            IrqLine::Gerror => IrqIndex::Gerror,
+        };
+        if let Some(Some(fd)) = self.irqs.get(index.index() as usize)
+            && let Err(e) = rustix::io::write(fd, &1u64.to_ne_bytes())
+        {
+            warn!("signalling {line:?} failed: {e}");
+        }
+    }
+
+    fn get_state(&self) -> Result<StateBlob, ErrorReply> {
+        let Some(smmu) = self.smmu.as_ref() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        let state = SessionState {
+            version: STATE_VERSION,
+            smmu: smmu.snapshot(),
+            devices: self.devices.iter().map(|(&h, d)| (h, d.sid)).collect(),
+        };
+        let json = serde_json::to_vec(&state)
+            .map_err(|e| refuse(Status::INTERNAL, format!("cannot encode the state: {e}")))?;
+        let host =
+            |what: &str, e: std::io::Error| refuse(Status::HOST_ERROR, format!("{what}: {e}"));
+        let fd = memfd_create(
+            "viommu-state",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| host("memfd_create", e.into()))?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&json)
+            .map_err(|e| host("writing the state", e))?;
+        fcntl_add_seals(
+            &file,
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+        )
+        .map_err(|e| host("sealing the state", e.into()))?;
+        Ok(StateBlob {
+            size: json.len() as u64,
+            fd: file.into(),
+        })
+    }
+
+    fn set_state(&mut self, blob: StateBlob) -> Result<(), ErrorReply> {
+        let size = usize::try_from(blob.size).unwrap_or(usize::MAX);
+        let mut json = vec![0u8; size];
+        let read = rustix::io::pread(blob.fd.as_fd(), &mut json, 0).map_err(|e| {
+            refuse(
+                Status::INVALID_ARGUMENT,
+                format!("cannot read the state: {e}"),
+            )
+        })?;
+        if read != size {
+            return Err(refuse(
+                Status::INVALID_ARGUMENT,
+                format!("state is {read} bytes, not {size}"),
+            ));
+        }
+        let state: SessionState = serde_json::from_slice(&json).map_err(|e| {
+            refuse(
+                Status::INVALID_ARGUMENT,
+                format!("cannot parse the state: {e}"),
+            )
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(refuse(
+                Status::INCOMPATIBLE,
+                format!("state version {}", state.version),
+            ));
+        }
+        let attached: BTreeMap<u32, u32> = self.devices.iter().map(|(&h, d)| (h, d.sid)).collect();
+        if state.devices != attached {
+            return Err(refuse(
+                Status::INCOMPATIBLE,
+                format!(
+                    "state has devices {:?}, attached are {attached:?}",
+                    state.devices
+                ),
+            ));
+        }
+        let Some(smmu) = self.smmu.as_mut() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        smmu.restore(&state.smmu)
+            .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
+        info!("state restored");
+        self.run_effects()
     }
 }
 
-/// An error and its sources, joined for a log line or an error reply.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// What a device's transactions go through, from what governs its stream.
+fn address_space(state: StreamState) -> AddressSpace {
+    match state {
+        StreamState::GlobalBypass
+        | StreamState::Ste {
+            config: Ok(StreamConfig::Bypass),
+            ..
+        } => AddressSpace::System,
+        _ => AddressSpace::Translated,
     }
-    text
+}
+
+fn memory_refusal(e: memory::MemoryError) -> ErrorReply {
+    use memory::MemoryError as M;
+    let status = match &e {
+        M::BadFile { .. } | M::TooLarge { .. } => Status::INVALID_ARGUMENT,
+        M::Mmap { .. } => Status::HOST_ERROR,
+        M::Overlap { .. } => Status::INVALID_ARGUMENT,
+        M::NotFound { .. } => Status::NOT_FOUND,
+        M::TooMany { .. } => Status::NO_SPACE,
+    };
+    refuse(status, crate::error_chain(&e))
+}
+
+fn channel_failure(e: &Error) -> ErrorReply {
+    refuse(
+        Status::INTERNAL,
+        format!("backend channel failed: {}", crate::error_chain(e)),
+    )
 }

@@ -141,7 +141,7 @@ fn a_hostile_frontend_does_not_stop_the_daemon() {
     }
     // Features that were not offered are refused.
     let err = frontend
-        .call(&FrontendRequest::SetFeatures(Features::TRANSLATE))
+        .call(&FrontendRequest::SetFeatures(Features::PASSTHROUGH))
         .unwrap_err();
     assert!(
         matches!(

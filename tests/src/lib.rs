@@ -3,6 +3,8 @@
 //! Today it connects and negotiates features; the scripted guest, guest RAM, IRQ eventfds and
 //! the backend channel come with the daemon issue.
 
+pub mod guest;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

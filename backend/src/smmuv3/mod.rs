@@ -13,6 +13,7 @@ mod evtq;
 pub mod features;
 pub mod queue;
 pub mod registers;
+pub mod snapshot;
 pub mod spec;
 pub mod stream;
 pub mod tlb;

@@ -1,0 +1,164 @@
+//! The event loop: serve frontends one after another until SIGTERM or SIGINT.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use log::{error, info, warn};
+use rustix::pipe::{PipeFlags, pipe_with};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::session::{Session, SessionError};
+
+/// Errors of the event loop itself (a session's errors end only that session).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Setting up signal handling failed.
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] io::Error),
+    /// epoll failed.
+    #[error("epoll failed")]
+    Epoll(#[source] io::Error),
+    /// accept failed.
+    #[error("accept failed")]
+    Accept(#[source] io::Error),
+}
+
+/// The read end of a pipe that SIGTERM and SIGINT write to.
+#[derive(Debug)]
+pub struct Shutdown {
+    read: OwnedFd,
+}
+
+impl Shutdown {
+    /// Installs the handlers: each signal writes a byte to the pipe (async-signal-safe), which
+    /// the event loop watches.
+    pub fn install() -> Result<Self, DaemonError> {
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .map_err(|e| DaemonError::Signals(e.into()))?;
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            let write = write.try_clone().map_err(DaemonError::Signals)?;
+            signal_hook::low_level::pipe::register(signal, write).map_err(DaemonError::Signals)?;
+        }
+        Ok(Self { read })
+    }
+
+    /// The fd to poll.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.read
+    }
+}
+
+/// How serving one frontend ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The frontend went away (or the session failed; logged).
+    Ended,
+    /// A shutdown signal arrived.
+    Shutdown,
+}
+
+const TOKEN_MAIN: u64 = 0;
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_CHANNEL: u64 = 2;
+const TOKEN_LISTENER: u64 = 3;
+
+fn watch(epoll: &Epoll, fd: &impl AsRawFd, token: u64) -> Result<(), DaemonError> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )
+        .map_err(DaemonError::Epoll)
+}
+
+/// Serves one connected frontend until it disconnects or a shutdown signal arrives. Every
+/// resource of the session is released on return.
+pub fn serve_connection(stream: UnixStream, shutdown: &Shutdown) -> Result<Served, DaemonError> {
+    let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
+    let mut session = Session::new(stream);
+    watch(&epoll, session.connection(), TOKEN_MAIN)?;
+    watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
+    let mut channel_watched = false;
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        if !channel_watched && let Some(channel) = session.channel() {
+            watch(&epoll, channel, TOKEN_CHANNEL)?;
+            channel_watched = true;
+        }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DaemonError::Epoll(e)),
+        };
+        for event in events.iter().take(n) {
+            match event.data() {
+                TOKEN_SIGNAL => {
+                    info!("shutting down");
+                    return Ok(Served::Shutdown);
+                }
+                TOKEN_CHANNEL => {
+                    // The frontend sends nothing unasked on the backend channel: this is a
+                    // hang-up (or a protocol violation), which ends the session.
+                    warn!(
+                        "the backend channel was closed or sent unrequested data; ending the session"
+                    );
+                    log_end(&session);
+                    return Ok(Served::Ended);
+                }
+                _ => match session.handle_one() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        info!("frontend disconnected");
+                        log_end(&session);
+                        return Ok(Served::Ended);
+                    }
+                    Err(err) => {
+                        error!("session ended: {}", crate::error_chain(&err));
+                        log_end(&session);
+                        return Ok(Served::Ended);
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn log_end(session: &Session) {
+    let c = session.counters();
+    info!(
+        "session statistics: {} messages, {} refused, {} translations",
+        c.messages, c.refused, c.translations
+    );
+}
+
+/// Accepts frontends on `listener` one at a time until a shutdown signal arrives.
+pub fn serve_listener(listener: &UnixListener, shutdown: &Shutdown) -> Result<(), DaemonError> {
+    let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
+    watch(&epoll, listener, TOKEN_LISTENER)?;
+    watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DaemonError::Epoll(e)),
+        };
+        for event in events.iter().take(n) {
+            if event.data() == TOKEN_SIGNAL {
+                info!("shutting down");
+                return Ok(());
+            }
+            let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
+            info!("frontend connected");
+            if serve_connection(stream, shutdown)? == Served::Shutdown {
+                return Ok(());
+            }
+            info!("listening again");
+        }
+    }
+}
+
+/// Keeps the session error type reachable for callers that serve a session themselves.
+pub type ConnectionError = SessionError;

@@ -1,0 +1,186 @@
+//! Guest RAM as the frontend's memory table describes it: fd-backed regions mapped shared into
+//! this process, as a vm-memory `GuestMemoryMmap`.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use rustix::fs::{SealFlags, fcntl_get_seals, fstat};
+use viommu_protocol::types::MemRegion;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+
+/// Guest memory of the model.
+pub type GuestRam = GuestMemoryMmap<()>;
+
+/// Why a region cannot be mapped or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The fd is not a file we can map, or is smaller than the region says.
+    #[error("region at {gpa:#x}: {reason}")]
+    BadFile {
+        /// The region's guest address.
+        gpa: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// mmap failed.
+    #[error("region at {gpa:#x}: mmap failed")]
+    Mmap {
+        /// The region's guest address.
+        gpa: u64,
+        /// The error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The region overlaps one already mapped.
+    #[error("region at {gpa:#x} size {size:#x} overlaps guest memory already mapped")]
+    Overlap {
+        /// The region's guest address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// No region with that guest address and size is mapped.
+    #[error("no region at {gpa:#x} size {size:#x}")]
+    NotFound {
+        /// The guest address asked for.
+        gpa: u64,
+        /// The size asked for.
+        size: u64,
+    },
+    /// The table would hold more regions than the backend maps.
+    #[error("more than {max} memory regions")]
+    TooMany {
+        /// The limit.
+        max: usize,
+    },
+    /// The region does not fit this process's address space.
+    #[error("region at {gpa:#x} size {size:#x} does not fit this host")]
+    TooLarge {
+        /// The region's guest address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// Most regions the backend maps (GET_MAX_MEM_SLOTS).
+pub const MAX_MEM_SLOTS: usize = 256;
+
+/// Maps one region from its fd.
+///
+/// The file must be at least `mmap_offset + size` bytes long now. A file the frontend could
+/// shrink later (not sealed against shrinking) would turn guest-memory accesses into SIGBUS;
+/// QEMU's memfd backend seals its memfds, and for other files a warning is logged.
+pub fn map_region(
+    region: &MemRegion,
+    fd: OwnedFd,
+) -> Result<Arc<GuestRegionMmap<()>>, MemoryError> {
+    let bad = |reason: String| MemoryError::BadFile {
+        gpa: region.gpa,
+        reason,
+    };
+    let st = fstat(&fd).map_err(|e| bad(format!("fstat failed: {e}")))?;
+    let is_regular = (st.st_mode & libc_mode::S_IFMT) == libc_mode::S_IFREG;
+    if !is_regular {
+        return Err(bad("not a regular file or memfd".to_owned()));
+    }
+    let end = region
+        .mmap_offset
+        .checked_add(region.size)
+        .ok_or_else(|| bad("offset overflow".into()))?;
+    if u64::try_from(st.st_size).unwrap_or(0) < end {
+        return Err(bad(format!(
+            "file is {} bytes, the region needs {end}",
+            st.st_size
+        )));
+    }
+    match fcntl_get_seals(&fd) {
+        Ok(seals) if seals.contains(SealFlags::SHRINK) => {}
+        _ => log::warn!(
+            "memory region at {:#x} is not sealed against shrinking; a frontend that truncates \
+             it would crash this backend",
+            region.gpa
+        ),
+    }
+    let size = usize::try_from(region.size).map_err(|_| MemoryError::TooLarge {
+        gpa: region.gpa,
+        size: region.size,
+    })?;
+    let file = File::from(fd);
+    let mapping = MmapRegion::from_file(FileOffset::new(file, region.mmap_offset), size).map_err(
+        |source| MemoryError::Mmap {
+            gpa: region.gpa,
+            source,
+        },
+    )?;
+    GuestRegionMmap::new(mapping, GuestAddress(region.gpa))
+        .map(Arc::new)
+        .ok_or(MemoryError::TooLarge {
+            gpa: region.gpa,
+            size: region.size,
+        })
+}
+
+/// The file-type bits of `st_mode`.
+mod libc_mode {
+    pub const S_IFMT: u32 = 0o170_000;
+    pub const S_IFREG: u32 = 0o100_000;
+}
+
+/// Builds guest memory from a whole table (SET_MEM_TABLE). Nothing changes on error.
+pub fn from_table(regions: Vec<(MemRegion, OwnedFd)>) -> Result<GuestRam, MemoryError> {
+    if regions.len() > MAX_MEM_SLOTS {
+        return Err(MemoryError::TooMany { max: MAX_MEM_SLOTS });
+    }
+    let mut mapped = regions
+        .into_iter()
+        .map(|(region, fd)| map_region(&region, fd))
+        .collect::<Result<Vec<_>, _>>()?;
+    if mapped.is_empty() {
+        return Ok(GuestRam::default());
+    }
+    mapped.sort_by_key(|r| r.start_addr());
+    GuestRam::from_arc_regions(mapped).map_err(|_| MemoryError::Overlap { gpa: 0, size: 0 })
+}
+
+/// Adds one region (ADD_MEM_REG). Returns the new memory; the old one is unchanged on error.
+pub fn add(ram: &GuestRam, region: &MemRegion, fd: OwnedFd) -> Result<GuestRam, MemoryError> {
+    if ram.num_regions() >= MAX_MEM_SLOTS {
+        return Err(MemoryError::TooMany { max: MAX_MEM_SLOTS });
+    }
+    let overlaps = ram.iter().any(|r| {
+        let start = r.start_addr().0;
+        let last = start.saturating_add(r.len().saturating_sub(1));
+        region.gpa <= last && start <= region.last_gpa()
+    });
+    if overlaps {
+        return Err(MemoryError::Overlap {
+            gpa: region.gpa,
+            size: region.size,
+        });
+    }
+    let mapped = map_region(region, fd)?;
+    ram.insert_region(mapped).map_err(|_| MemoryError::Overlap {
+        gpa: region.gpa,
+        size: region.size,
+    })
+}
+
+/// Removes the region with this guest address and size (REM_MEM_REG).
+pub fn remove(ram: &GuestRam, region: &MemRegion) -> Result<GuestRam, MemoryError> {
+    let not_found = MemoryError::NotFound {
+        gpa: region.gpa,
+        size: region.size,
+    };
+    let size = usize::try_from(region.size).map_err(|_| MemoryError::NotFound {
+        gpa: region.gpa,
+        size: region.size,
+    })?;
+    ram.remove_region(GuestAddress(region.gpa), size as u64)
+        .map(|(ram, _)| ram)
+        .map_err(|_| not_found)
+}
