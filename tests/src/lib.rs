@@ -1,26 +1,82 @@
 //! The mock QEMU peer: the frontend side of the vIOMMU-user protocol as QEMU would drive it.
 //!
-//! Today it connects and negotiates features; the scripted guest, guest RAM, IRQ eventfds and
-//! the backend channel come with the daemon issue.
+//! - [`MockQemu`]: the main connection with what QEMU hands the backend: memfd guest RAM
+//!   ([`ram`]), IRQ eventfds, the backend channel ([`channel`]) and its translation cache;
+//! - [`port`]: the vSMMU's registers reached over MMIO_READ / MMIO_WRITE;
+//! - [`guest`]: a guest driver that programs the vSMMU the way Linux does;
+//! - [`scenario`]: the scripted Linux-like session of the demo and the integration tests.
 
+pub mod channel;
 pub mod guest;
+pub mod port;
+pub mod ram;
+pub mod scenario;
 
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use viommu_protocol::{Features, Frontend, FrontendReply, FrontendRequest};
+use viommu_protocol::{
+    Access, AttachDevice, Features, Frontend, FrontendReply, FrontendRequest, IdRegs, IrqIndex,
+    ModelConfig, StateBlob, TranslateReply, TranslateRequest,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Features the mock frontend knows how to use.
-pub const FRONTEND_FEATURES: Features = Features::all();
+use crate::channel::{CachedTranslation, ChannelServer, ChannelState};
+use crate::port::SocketPort;
+use crate::ram::MemfdRam;
 
-/// A frontend connection as QEMU's `viommu-user` object holds it.
+/// Features the mock frontend knows how to use (PASSTHROUGH needs a real iommufd).
+pub const FRONTEND_FEATURES: Features = Features::BACKEND_CHANNEL
+    .union(Features::MEM_SLOTS)
+    .union(Features::TRANSLATE)
+    .union(Features::STATE)
+    .union(Features::MSI);
+
+/// The outcome of a DMA translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dma {
+    /// The access goes to this guest physical address.
+    Address {
+        /// The output address.
+        gpa: u64,
+        /// Whether the frontend's cache answered (no TRANSLATE was sent).
+        cached: bool,
+    },
+    /// The vSMMU refused the access; `event` is the event type it recorded (0 for none).
+    Fault {
+        /// The SMMU event type.
+        event: u8,
+    },
+}
+
+/// Counters of what the mock sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// TRANSLATE requests.
+    pub translates: u64,
+    /// Translations answered from the cache.
+    pub cache_hits: u64,
+}
+
+/// A frontend connection as QEMU's `viommu-user` object holds it, with the resources QEMU
+/// hands over.
 #[derive(Debug)]
 pub struct MockQemu {
-    main: Frontend,
+    main: Rc<Frontend>,
     features: Features,
+    ram: Option<MemfdRam>,
+    irqs: Vec<(IrqIndex, OwnedFd)>,
+    channel: Option<ChannelServer>,
+    state: Arc<Mutex<ChannelState>>,
+    devices: BTreeMap<u32, u32>,
+    sent: Sent,
 }
 
 impl MockQemu {
@@ -45,14 +101,25 @@ impl MockQemu {
     /// Uses an already connected stream.
     pub fn from_stream(stream: UnixStream) -> Self {
         Self {
-            main: Frontend::new(stream),
+            main: Rc::new(Frontend::new(stream)),
             features: Features::empty(),
+            ram: None,
+            irqs: Vec::new(),
+            channel: None,
+            state: Arc::default(),
+            devices: BTreeMap::new(),
+            sent: Sent::default(),
         }
     }
 
     /// The main-channel connection.
     pub fn frontend(&self) -> &Frontend {
         &self.main
+    }
+
+    /// The negotiated features.
+    pub fn features(&self) -> Features {
+        self.features
     }
 
     /// GET_FEATURES then SET_FEATURES with what both sides know. Returns the negotiated set.
@@ -66,6 +133,287 @@ impl MockQemu {
         self.features = wanted;
         Ok(wanted)
     }
+
+    /// Hands over what QEMU hands over before the machine starts: guest RAM (`ram_size` bytes
+    /// of memfd at guest physical 0, by SET_MEM_TABLE), an eventfd per interrupt line, and the
+    /// backend channel. Then SET_CONFIG.
+    pub fn start(&mut self, config: ModelConfig, ram_size: u64) -> anyhow::Result<()> {
+        self.start_on(config, MemfdRam::new(0, ram_size)?)
+    }
+
+    /// [`MockQemu::start`] with RAM that already exists (a reconnect, or a migration target,
+    /// hands the backend the same guest RAM again).
+    pub fn start_on(&mut self, config: ModelConfig, ram: MemfdRam) -> anyhow::Result<()> {
+        self.main.call(&FrontendRequest::SetMemTable(vec![(
+            ram.region(),
+            ram.fd()?,
+        )]))?;
+        for index in [
+            IrqIndex::Evtq,
+            IrqIndex::Priq,
+            IrqIndex::CmdSync,
+            IrqIndex::Gerror,
+        ] {
+            let fd = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .context("eventfd")?;
+            let theirs = fd.try_clone().context("eventfd dup")?;
+            self.main.call(&FrontendRequest::SetIrqFd {
+                index,
+                fd: Some(theirs),
+            })?;
+            self.irqs.push((index, fd));
+        }
+        if self.features.contains(Features::BACKEND_CHANNEL) {
+            let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+            self.main
+                .call(&FrontendRequest::SetBackendChannel(theirs))?;
+            self.channel = Some(ChannelServer::spawn(
+                ours,
+                ram.mem().clone(),
+                Arc::clone(&self.state),
+            )?);
+        }
+        self.main.call(&FrontendRequest::SetConfig(config))?;
+        self.ram = Some(ram);
+        Ok(())
+    }
+
+    /// Guest RAM (after [`MockQemu::start`]).
+    pub fn mem(&self) -> anyhow::Result<&GuestMemoryMmap<()>> {
+        self.ram
+            .as_ref()
+            .map(MemfdRam::mem)
+            .context("no guest RAM yet")
+    }
+
+    /// Takes the guest RAM back (to hand it to the next session).
+    pub fn take_ram(&mut self) -> Option<MemfdRam> {
+        self.ram.take()
+    }
+
+    /// The vSMMU's register window, for a guest driver.
+    pub fn port(&self) -> SocketPort {
+        SocketPort::new(Rc::clone(&self.main))
+    }
+
+    /// GET_ID_REGS.
+    pub fn id_regs(&self) -> anyhow::Result<IdRegs> {
+        match self.main.call(&FrontendRequest::GetIdRegs)? {
+            FrontendReply::IdRegs(regs) => Ok(regs),
+            other => bail!("GET_ID_REGS answered with {other:?}"),
+        }
+    }
+
+    /// ATTACH_DEVICE of an emulated device; the backend channel will answer RESOLVE_SID for
+    /// `sid` with `handle` from now on.
+    pub fn attach(&mut self, handle: u32, sid: u32) -> anyhow::Result<()> {
+        self.set_sid(handle, sid);
+        self.main
+            .call(&FrontendRequest::AttachDevice(AttachDevice {
+                handle,
+                sid,
+                passthrough: None,
+            }))
+            .with_context(|| format!("ATTACH_DEVICE {handle}"))?;
+        Ok(())
+    }
+
+    /// The guest renumbered a bus: the device is at `sid` now (QEMU computes this from the
+    /// PCI topology and answers RESOLVE_SID with it).
+    pub fn set_sid(&mut self, handle: u32, sid: u32) {
+        let mut state = self.channel_state();
+        state.sids.retain(|_, &mut h| h != handle);
+        state.sids.insert(sid, handle);
+        drop(state);
+        self.devices.insert(handle, sid);
+    }
+
+    /// DETACH_DEVICE.
+    pub fn detach(&mut self, handle: u32) -> anyhow::Result<()> {
+        self.main
+            .call(&FrontendRequest::DetachDevice { handle })
+            .with_context(|| format!("DETACH_DEVICE {handle}"))?;
+        self.devices.remove(&handle);
+        self.channel_state().sids.retain(|_, &mut h| h != handle);
+        Ok(())
+    }
+
+    /// What the backend channel has told the frontend.
+    pub fn channel_state(&self) -> MutexGuard<'_, ChannelState> {
+        channel::lock(&self.state)
+    }
+
+    /// Counters of requests sent.
+    pub fn sent(&self) -> Sent {
+        self.sent
+    }
+
+    /// A DMA translation as QEMU's `address_space_*` does it through the vSMMU's IOMMU
+    /// memory region: the cache first, then TRANSLATE; the result is cached.
+    pub fn translate(
+        &mut self,
+        handle: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        access: Access,
+    ) -> anyhow::Result<Dma> {
+        let sid = *self
+            .devices
+            .get(&handle)
+            .with_context(|| format!("no device {handle}"))?;
+        let needs = perm_for(access);
+        let cached = self.channel_state().cache.lookup(handle, ssid, iova);
+        if let Some((start, hit)) = cached
+            && hit.perm.contains(needs)
+        {
+            self.sent.cache_hits = self.sent.cache_hits.saturating_add(1);
+            return Ok(Dma::Address {
+                gpa: hit.addr | (iova.wrapping_sub(start)),
+                cached: true,
+            });
+        }
+        self.sent.translates = self.sent.translates.saturating_add(1);
+        let reply = self
+            .main
+            .call(&FrontendRequest::Translate(TranslateRequest {
+                sid,
+                ssid,
+                iova,
+                access,
+            }))?;
+        match reply {
+            FrontendReply::Translate(TranslateReply::Translated {
+                addr,
+                addr_mask,
+                perm,
+            }) => {
+                let start = iova & !addr_mask;
+                self.channel_state().cache.insert(
+                    handle,
+                    ssid,
+                    start,
+                    CachedTranslation {
+                        last: start | addr_mask,
+                        addr,
+                        perm,
+                    },
+                );
+                Ok(Dma::Address {
+                    gpa: addr | (iova & addr_mask),
+                    cached: false,
+                })
+            }
+            FrontendReply::Translate(TranslateReply::Fault { event }) => Ok(Dma::Fault { event }),
+            other => bail!("TRANSLATE answered with {other:?}"),
+        }
+    }
+
+    /// A device's DMA write of `data` at `iova` (within one page). Returns where it landed.
+    pub fn dma_write(
+        &mut self,
+        handle: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        data: &[u8],
+    ) -> anyhow::Result<Dma> {
+        let dma = self.translate(handle, ssid, iova, Access::WRITE)?;
+        if let Dma::Address { gpa, .. } = dma {
+            self.mem()?
+                .write_slice(data, GuestAddress(gpa))
+                .with_context(|| format!("DMA write to {gpa:#x}"))?;
+        }
+        Ok(dma)
+    }
+
+    /// A device's DMA read of `buf.len()` bytes at `iova` (within one page).
+    pub fn dma_read(
+        &mut self,
+        handle: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        buf: &mut [u8],
+    ) -> anyhow::Result<Dma> {
+        let dma = self.translate(handle, ssid, iova, Access::READ)?;
+        if let Dma::Address { gpa, .. } = dma {
+            self.mem()?
+                .read_slice(buf, GuestAddress(gpa))
+                .with_context(|| format!("DMA read from {gpa:#x}"))?;
+        }
+        Ok(dma)
+    }
+
+    /// How many times the backend signalled an interrupt line since the last call.
+    pub fn take_irqs(&self, index: IrqIndex) -> u64 {
+        self.irqs
+            .iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, fd)| {
+                let mut count = [0u8; 8];
+                match rustix::io::read(fd, &mut count) {
+                    Ok(8) => Some(u64::from_ne_bytes(count)),
+                    _ => None,
+                }
+            })
+            .unwrap_or(0)
+    }
+
+    /// RESET (system reset).
+    pub fn reset(&mut self) -> anyhow::Result<()> {
+        self.main.call(&FrontendRequest::Reset)?;
+        self.channel_state().cache = channel::TranslationCache::default();
+        Ok(())
+    }
+
+    /// GET_STATE: the state blob, as its bytes.
+    pub fn get_state(&self) -> anyhow::Result<Vec<u8>> {
+        let blob = match self.main.call(&FrontendRequest::GetState)? {
+            FrontendReply::State(blob) => blob,
+            other => bail!("GET_STATE answered with {other:?}"),
+        };
+        let size = usize::try_from(blob.size).context("state size")?;
+        let mut bytes = vec![0u8; size];
+        let read = rustix::io::pread(&blob.fd, &mut bytes, 0).context("reading the state")?;
+        if read != size {
+            bail!("state memfd holds {read} bytes, not {size}");
+        }
+        Ok(bytes)
+    }
+
+    /// SET_STATE with `bytes` in a new memfd.
+    pub fn set_state(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let fd = rustix::fs::memfd_create("mock-qemu-state", rustix::fs::MemfdFlags::CLOEXEC)
+            .context("memfd_create")?;
+        rustix::io::write(&fd, bytes).context("writing the state")?;
+        self.main.call(&FrontendRequest::SetState(StateBlob {
+            size: bytes.len() as u64,
+            fd,
+        }))?;
+        Ok(())
+    }
+
+    /// Ends the session: closes the main connection and the backend channel.
+    pub fn close(mut self) -> anyhow::Result<()> {
+        let _ = self.main.stream().shutdown(std::net::Shutdown::Both);
+        match self.channel.take() {
+            Some(channel) => channel.stop(),
+            None => Ok(()),
+        }
+    }
+
+    /// The raw fd of the main connection (for tests that corrupt the stream).
+    pub fn raw_fd(&self) -> i32 {
+        self.main.stream().as_raw_fd()
+    }
+}
+
+fn perm_for(access: Access) -> viommu_protocol::Perm {
+    let mut perm = viommu_protocol::Perm::empty();
+    perm.set(viommu_protocol::Perm::READ, access.contains(Access::READ));
+    perm.set(viommu_protocol::Perm::WRITE, access.contains(Access::WRITE));
+    perm
 }
 
 /// A `viommu-backend` process started for a test or the demo, killed on drop.
@@ -78,9 +426,15 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts `binary --socket-path socket`.
     pub fn spawn(binary: &Path, socket: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(binary, socket, &[])
+    }
+
+    /// Starts `binary --socket-path socket ARGS...`.
+    pub fn spawn_with(binary: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let child = Command::new(binary)
             .arg("--socket-path")
             .arg(socket)
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
@@ -95,6 +449,11 @@ impl BackendProcess {
         &self.socket
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -107,6 +466,31 @@ impl Drop for BackendProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// [`backend_binary`], building it first when it is missing (`cargo test -p viommu-tests` does
+/// not build another package's binaries). Uses the `cargo` that runs the tests.
+pub fn backend_binary_built() -> anyhow::Result<PathBuf> {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _serialized = BUILD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Ok(path) = backend_binary() {
+        return Ok(path);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "viommu-backend", "--bin", "viommu-backend"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .context("cannot run cargo to build viommu-backend")?;
+    if !status.success() {
+        bail!("building viommu-backend failed: {status}");
+    }
+    backend_binary()
 }
 
 /// The `viommu-backend` binary next to the running executable (both live in cargo's target

@@ -9,13 +9,15 @@
 //! - [`event`], [`evtq`]: event decoding and the event-queue consumer;
 //! - [`ste`], [`cd`], [`entry`], [`strtab`]: STE/CD builders, the hitless update, tables;
 //! - [`pgtable`]: io-pgtable-arm style page tables;
-//! - [`driver`]: probe, reset and the operations built on them.
+//! - [`driver`]: probe, reset and the operations built on them;
+//! - [`domain`]: attaching domains the way `arm_smmu_attach_dev` does.
 
 pub mod alloc;
 pub mod bits;
 pub mod cd;
 pub mod cmd;
 pub mod cmdq;
+pub mod domain;
 pub mod driver;
 pub mod entry;
 pub mod event;

@@ -15,6 +15,7 @@ pub use viommu_backend::smmuv3::{
 };
 pub use viommu_tests::guest::cd::*;
 pub use viommu_tests::guest::cmd::*;
+pub use viommu_tests::guest::domain::S1Domain;
 pub use viommu_tests::guest::entry::{Entry, UpdateKind, plan_update};
 pub use viommu_tests::guest::event::{Event, class, id};
 pub use viommu_tests::guest::mem::{read_qwords, read_u32, read_u64, write_qwords, write_u64};
@@ -136,15 +137,6 @@ pub fn gerror_active(d: &mut Drv) -> u32 {
     d.read32(ARM_SMMU_GERROR) ^ d.read32(ARM_SMMU_GERRORN)
 }
 
-/// A stage-1 domain attached to one stream: page table, CD, CD table.
-#[derive(Debug)]
-pub struct S1Domain {
-    pub pt: PageTable,
-    pub cd: Entry,
-    pub table: CdTable,
-    pub asid: u16,
-}
-
 /// A stage-1 page table with Linux's geometry (48-bit VA, IAS-bit output).
 pub fn s1_pgtable(d: &mut Drv, granule: Granule) -> PageTable {
     d.new_s1_pgtable(granule).unwrap()
@@ -158,17 +150,7 @@ pub fn attach_s1(d: &mut Drv, sid: u32, granule: Granule, asid: u16) -> S1Domain
 }
 
 pub fn attach_s1_pt(d: &mut Drv, sid: u32, pt: PageTable, asid: u16) -> S1Domain {
-    let mut table = d.new_cd_table(CdFmt::Linear, 0, 0).unwrap();
-    let cd = make_s1_cd(&pt.s1_tcr(), asid, false);
-    d.write_cd(&mut table, &[sid], 0, &cd).unwrap();
-    let ste = make_cdtable_ste(&table.ste_ptr(), STRTAB_STE_1_S1DSS_SSID0, false, false);
-    d.write_ste(sid, &ste).unwrap();
-    S1Domain {
-        pt,
-        cd,
-        table,
-        asid,
-    }
+    d.attach_s1(sid, pt, asid).unwrap()
 }
 
 /// A stage-2 domain: page table and STE fields.

@@ -1,0 +1,520 @@
+//! Whole vSMMU sessions: the real `viommu-backend` binary and the mock QEMU peer over a real
+//! Unix socket, with memfd guest RAM, eventfds and the backend channel.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use viommu_protocol::{
+    Access, AddressSpace, Error, FrontendReply, FrontendRequest, IrqIndex, MemRegion, Status,
+};
+use viommu_tests::guest::cmd::CmdEnt;
+use viommu_tests::guest::event::id;
+use viommu_tests::guest::pgtable::{Granule, prot};
+use viommu_tests::guest::regs::{ARM_SMMU_CMDQ_CONS, ARM_SMMU_GERROR, ARM_SMMU_GERRORN};
+use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig, DriverError};
+use viommu_tests::port::SocketPort;
+use viommu_tests::ram::MemfdRam;
+use viommu_tests::scenario::{self, ALLOC_START, DEVICES, RAM_SIZE, default_config};
+use viommu_tests::{BackendProcess, Dma, MockQemu, backend_binary_built};
+
+/// A daemon on a private socket, killed (and its directory removed) on drop.
+struct Daemon {
+    process: Option<BackendProcess>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("viommu-session-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsmmu.sock");
+        let process = BackendProcess::spawn_with(
+            &backend_binary_built().unwrap(),
+            &socket,
+            &["--log-level", "error"],
+        )
+        .unwrap();
+        Self {
+            process: Some(process),
+            dir,
+            socket,
+        }
+    }
+
+    fn connect(&self) -> MockQemu {
+        MockQemu::connect(&self.socket, Duration::from_secs(10)).unwrap()
+    }
+
+    fn raw(&self) -> UnixStream {
+        // The daemon listens once the first connect succeeded.
+        UnixStream::connect(&self.socket).unwrap()
+    }
+
+    fn process(&mut self) -> &mut BackendProcess {
+        self.process.as_mut().unwrap()
+    }
+
+    /// Open fds of the daemon.
+    fn fds(&mut self) -> usize {
+        let pid = self.process().pid();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    }
+
+    fn assert_alive(&mut self) {
+        assert!(self.process().is_running(), "the daemon died");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+type Guest = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
+
+/// A session started and a guest driver probed on it (not yet reset).
+fn guest_on(qemu: &mut MockQemu) -> Guest {
+    let mem = qemu.mem().unwrap().clone();
+    Driver::probe(
+        qemu.port(),
+        mem,
+        BumpAllocator::new(ALLOC_START, RAM_SIZE),
+        DriverConfig::default(),
+    )
+    .unwrap()
+}
+
+fn started(daemon: &Daemon) -> MockQemu {
+    let mut qemu = daemon.connect();
+    qemu.negotiate().unwrap();
+    qemu.start(default_config(), RAM_SIZE).unwrap();
+    qemu
+}
+
+fn remote_status(err: &anyhow::Error) -> Option<Status> {
+    match err.downcast_ref::<Error>() {
+        Some(Error::Remote { status, .. }) => Some(*status),
+        _ => None,
+    }
+}
+
+#[test]
+fn linux_boot_session_and_a_second_session_from_reset() {
+    let daemon = Daemon::start("boot");
+    for round in 0..2 {
+        let mut qemu = daemon.connect();
+        let report = scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+        assert_eq!(report.stes, 4, "round {round}");
+        assert_eq!(report.cache_hits, 3, "one cache hit per device");
+        // 3 devices x (write, read-back hit) + the fault + the MSI fault + the GPU's new SID.
+        assert_eq!(report.translations, 6);
+        assert_eq!(report.events.len(), 2);
+        assert_eq!(report.events[0].id(), id::F_TRANSLATION);
+        assert_eq!(report.evtq_irqs, 1);
+        assert_eq!(report.msi_writes, 1);
+        assert_eq!(report.resolved_sids, 1);
+        // Attach (3 x system), SMMUEN (3 x translated), RESET (3 x system).
+        assert_eq!(report.address_space_changes, 9);
+        qemu.close().unwrap();
+    }
+}
+
+#[test]
+fn translations_for_every_granule_and_invalidation_notifications() {
+    let daemon = Daemon::start("granules");
+    let mut qemu = started(&daemon);
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    for (i, granule) in [Granule::G4K, Granule::G16K, Granule::G64K]
+        .into_iter()
+        .enumerate()
+    {
+        let handle = 10 + i as u32;
+        let sid = 0x20 + 8 * i as u32;
+        qemu.attach(handle, sid).unwrap();
+        let pt = d.new_s1_pgtable(granule).unwrap();
+        let size = granule.size();
+        // Two pages, mapped in reverse order, so a wrong index shows.
+        let a = d.alloc_zeroed(size, size).unwrap();
+        let b = d.alloc_zeroed(size, size).unwrap();
+        let iova = 0x40_0000_0000 + (i as u64) * 0x1_0000_0000;
+        d.map(&pt, iova, b, size, prot::RW).unwrap();
+        d.map(&pt, iova + size, a, size, prot::READ | prot::CACHE)
+            .unwrap();
+        let domain = d.attach_s1(sid, pt, 40 + i as u16).unwrap();
+        assert_eq!(
+            qemu.translate(handle, None, iova + 8, Access::WRITE)
+                .unwrap(),
+            Dma::Address {
+                gpa: b + 8,
+                cached: false
+            }
+        );
+        assert_eq!(
+            qemu.translate(handle, None, iova + size + 16, Access::READ)
+                .unwrap(),
+            Dma::Address {
+                gpa: a + 16,
+                cached: false
+            }
+        );
+        // Writing a read-only page: F_PERMISSION.
+        qemu.channel_state().cache = Default::default();
+        assert_eq!(
+            qemu.translate(handle, None, iova + size, Access::WRITE)
+                .unwrap(),
+            Dma::Fault {
+                event: id::F_PERMISSION
+            }
+        );
+        // TLBI_NH_ASID drops everything the frontend cached for this device.
+        qemu.translate(handle, None, iova, Access::READ).unwrap();
+        assert!(!qemu.channel_state().cache.is_empty());
+        d.issue_cmd_with_sync(CmdEnt::TlbiNhAsid {
+            vmid: 0,
+            asid: domain.asid,
+        })
+        .unwrap();
+        assert!(
+            qemu.channel_state().cache.is_empty(),
+            "{granule:?}: cache not invalidated"
+        );
+        d.evtq_thread().unwrap();
+    }
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
+}
+
+#[test]
+fn gerror_for_an_illegal_command_reaches_the_guest_with_an_irq() {
+    let daemon = Daemon::start("gerror");
+    let mut qemu = started(&daemon);
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    qemu.take_irqs(IrqIndex::Gerror);
+    // Opcode 0x7f does not exist: CERROR_ILL.
+    let bad = viommu_tests::guest::cmd::Command([0x7f, 0]);
+    let err = d.issue_raw_with_sync(&[bad]).unwrap_err();
+    assert!(matches!(err, DriverError::Command { .. }), "{err:?}");
+    assert_eq!(qemu.take_irqs(IrqIndex::Gerror), 1, "one GERROR interrupt");
+    let active = d.read32(ARM_SMMU_GERROR) ^ d.read32(ARM_SMMU_GERRORN);
+    assert_eq!(active & 1, 1, "GERROR.CMDQ_ERR active");
+    assert_eq!((d.read32(ARM_SMMU_CMDQ_CONS) >> 24) & 0x7f, 1, "CERROR_ILL");
+    // Linux's handler skips the command and acknowledges; the queue runs again.
+    d.handle_gerror().unwrap();
+    d.sync().unwrap();
+    assert_eq!(d.read32(ARM_SMMU_GERROR) ^ d.read32(ARM_SMMU_GERRORN), 0);
+    qemu.close().unwrap();
+}
+
+#[test]
+fn state_survives_a_reconnect_with_set_state() {
+    let daemon = Daemon::start("state");
+    let dev = DEVICES[0];
+    let mut qemu = started(&daemon);
+    qemu.attach(dev.handle, dev.sid).unwrap();
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    let buf = d.alloc_zeroed(0x1000, 0x1000).unwrap();
+    d.map(&pt, dev.iova, buf, 0x1000, prot::RW).unwrap();
+    d.attach_s1(dev.sid, pt, dev.asid).unwrap();
+    let expected = Dma::Address {
+        gpa: buf + 0x10,
+        cached: false,
+    };
+    assert_eq!(
+        qemu.translate(dev.handle, None, dev.iova + 0x10, Access::READ)
+            .unwrap(),
+        expected
+    );
+    let state = qemu.get_state().unwrap();
+    let ram = qemu.take_ram().unwrap();
+    qemu.close().unwrap();
+
+    // The backend listens again; a new session starts from reset state...
+    let mut fresh = daemon.connect();
+    fresh.negotiate().unwrap();
+    fresh
+        .start_on(default_config(), MemfdRam::new(0, RAM_SIZE).unwrap())
+        .unwrap();
+    fresh.attach(dev.handle, dev.sid).unwrap();
+    assert_eq!(
+        fresh.channel_state().spaces.get(&dev.handle),
+        Some(&AddressSpace::System),
+        "a new session starts with SMMUEN = 0"
+    );
+    fresh.close().unwrap();
+
+    // ... unless SET_STATE restores one: same RAM, same devices, and the guest's STEs apply.
+    let mut qemu = daemon.connect();
+    qemu.negotiate().unwrap();
+    qemu.start_on(default_config(), ram).unwrap();
+    qemu.attach(dev.handle, dev.sid).unwrap();
+    qemu.set_state(&state).unwrap();
+    assert_eq!(
+        qemu.channel_state().spaces.get(&dev.handle),
+        Some(&AddressSpace::Translated)
+    );
+    assert_eq!(
+        qemu.translate(dev.handle, None, dev.iova + 0x10, Access::READ)
+            .unwrap(),
+        expected
+    );
+    assert_eq!(qemu.get_state().unwrap(), state, "the state round-trips");
+    qemu.close().unwrap();
+}
+
+#[test]
+fn set_state_refuses_garbage_and_mismatches_and_the_session_goes_on() {
+    let daemon = Daemon::start("badstate");
+    let mut qemu = started(&daemon);
+    qemu.attach(1, 8).unwrap();
+    let good = qemu.get_state().unwrap();
+    for (what, blob) in [
+        ("not JSON", b"\xff\x00garbage".to_vec()),
+        ("empty", Vec::new()),
+        (
+            "another version",
+            String::from_utf8(good.clone())
+                .unwrap()
+                .replacen("\"version\":1", "\"version\":99", 1)
+                .into_bytes(),
+        ),
+    ] {
+        let err = qemu.set_state(&blob).unwrap_err();
+        let status = remote_status(&err);
+        assert!(
+            matches!(
+                status,
+                Some(Status::INVALID_ARGUMENT | Status::INCOMPATIBLE)
+            ),
+            "{what}: {err:#}"
+        );
+    }
+    // Other devices attached than in the state: INCOMPATIBLE.
+    qemu.attach(2, 0x10).unwrap();
+    let err = qemu.set_state(&good).unwrap_err();
+    assert_eq!(remote_status(&err), Some(Status::INCOMPATIBLE), "{err:#}");
+    qemu.detach(2).unwrap();
+    qemu.set_state(&good).unwrap();
+    // After the guest ran, SET_STATE is refused.
+    qemu.id_regs().unwrap();
+    let err = qemu.set_state(&good).unwrap_err();
+    assert_eq!(remote_status(&err), Some(Status::BAD_STATE), "{err:#}");
+    qemu.close().unwrap();
+}
+
+#[test]
+fn hostile_frontends_get_errors_and_the_daemon_serves_the_next() {
+    let mut daemon = Daemon::start("hostile");
+    let qemu = daemon.connect();
+    // Out of order: MMIO before SET_CONFIG.
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::MmioRead(viommu_protocol::MmioAccess {
+            offset: 0,
+            size: viommu_protocol::AccessSize::Dword,
+        }))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::BAD_STATE,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    qemu.close().unwrap();
+
+    let mut qemu = daemon.connect();
+    qemu.negotiate().unwrap();
+    // A memory region whose fd is a socket, not a file: refused, nothing mapped.
+    let (a, _b) = UnixStream::pair().unwrap();
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::AddMemReg(
+            MemRegion {
+                gpa: 0,
+                size: 0x1000,
+                mmap_offset: 0,
+            },
+            a.into(),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::INVALID_ARGUMENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A region larger than its memfd: refused.
+    let small = MemfdRam::new(0, 0x1000).unwrap();
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::AddMemReg(
+            MemRegion {
+                gpa: 0,
+                size: 0x10_0000,
+                mmap_offset: 0,
+            },
+            small.fd().unwrap(),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::INVALID_ARGUMENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Overlapping regions: the second is refused.
+    let r = MemfdRam::new(0, 0x2000).unwrap();
+    qemu.frontend()
+        .call(&FrontendRequest::AddMemReg(r.region(), r.fd().unwrap()))
+        .unwrap();
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::AddMemReg(
+            MemRegion {
+                gpa: 0x1000,
+                size: 0x1000,
+                mmap_offset: 0,
+            },
+            r.fd().unwrap(),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::INVALID_ARGUMENT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Removing a region that is not there: NOT_FOUND.
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::RemMemReg(MemRegion {
+            gpa: 0x10_0000,
+            size: 0x1000,
+            mmap_offset: 0,
+        }))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Remote {
+                status: Status::NOT_FOUND,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The same handle twice: EXISTS.
+    qemu.frontend()
+        .call(&FrontendRequest::SetConfig(default_config()))
+        .unwrap();
+    qemu.attach(1, 8).unwrap();
+    let err = qemu.attach(1, 9).unwrap_err();
+    assert_eq!(remote_status(&err), Some(Status::EXISTS), "{err:#}");
+    // TRANSLATE for a SID no STE covers (beyond SIDSIZE with SMMUEN = 0 bypasses; the answer
+    // is architectural, not a protocol error).
+    let reply = qemu
+        .frontend()
+        .call(&FrontendRequest::Translate(
+            viommu_protocol::TranslateRequest {
+                sid: u32::MAX,
+                ssid: None,
+                iova: 0x1000,
+                access: Access::READ,
+            },
+        ))
+        .unwrap();
+    assert!(matches!(reply, FrontendReply::Translate(_)), "{reply:?}");
+    qemu.close().unwrap();
+
+    // A peer that stops in the middle of a message.
+    let mut s = daemon.raw();
+    s.write_all(&[5, 0, 0, 0, 1, 0, 0, 0, 16, 0, 0, 0, 1, 2])
+        .unwrap();
+    drop(s);
+    // A payload size past the cap.
+    let mut s = daemon.raw();
+    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+        .unwrap();
+    drop(s);
+
+    daemon.assert_alive();
+    let mut qemu = daemon.connect();
+    let report = scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+    assert_eq!(report.events.len(), 2);
+    qemu.close().unwrap();
+    daemon.assert_alive();
+}
+
+#[test]
+fn no_fd_leak_in_the_daemon_after_many_sessions() {
+    let mut daemon = Daemon::start("leak");
+    // One session first: the daemon's steady state (logger, epoll) is set up.
+    let mut qemu = daemon.connect();
+    scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+    qemu.close().unwrap();
+    let settle = |daemon: &mut Daemon| {
+        // The daemon releases a session's fds when it sees the hang-up; give it a moment.
+        let mut last = daemon.fds();
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = daemon.fds();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
+    let baseline = settle(&mut daemon);
+    for _ in 0..20 {
+        let mut qemu = daemon.connect();
+        scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+        qemu.close().unwrap();
+        // And a broken one, with fds in flight.
+        let mut broken = daemon.connect();
+        broken.negotiate().unwrap();
+        broken.start(default_config(), 0x10_0000).unwrap();
+        drop(broken);
+    }
+    // Wait until the daemon accepted again (its listening state).
+    let probe = daemon.connect();
+    probe.close().unwrap();
+    assert_eq!(
+        settle(&mut daemon),
+        baseline,
+        "fds leaked across 40 sessions"
+    );
+}
