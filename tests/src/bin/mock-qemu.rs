@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use viommu_tests::{BackendProcess, MockQemu, backend_binary, scenario};
+use viommu_tests::{BackendProcess, MockQemu, backend_binary_built, scenario};
 
 fn main() -> ExitCode {
     match run() {
@@ -29,8 +29,11 @@ fn run() -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).context("cannot create a socket directory")?;
             let socket = dir.join("viommu.sock");
             // The backend's own log stays quiet unless asked for (RUST_LOG), so the trace reads.
-            let backend =
-                BackendProcess::spawn_with(&backend_binary()?, &socket, &["--log-level", "warn"])?;
+            let backend = BackendProcess::spawn_with(
+                &backend_binary_built()?,
+                &socket,
+                &["--log-level", "warn"],
+            )?;
             println!("started viommu-backend on {}", socket.display());
             (socket, Some((backend, dir)))
         }
