@@ -182,7 +182,6 @@ fn cr0ack_follows_cr0() {
 /// PRIQEN (no IDR0.PRI), ATSCHK (no IDR0.ATS) and VMW (no IDR0.VMW) are RES0 on this SMMU:
 /// CR0ACK does not reflect them (digest 7.2: "reserved CR0 bits are not reflected").
 #[test]
-#[ignore = "model bug: CR0ACK reflects PRIQEN/ATSCHK/VMW written on an SMMU without PRI, ATS or VMW"]
 fn cr0ack_ignores_unimplemented_bits() {
     let mut d = probe_with(features(), DriverConfig::default());
     d.write64(ARM_SMMU_CMDQ_BASE, d.cmdq.q_base());
@@ -208,7 +207,6 @@ fn irq_ctrlack_follows_irq_ctrl() {
 /// PRIQ_IRQEN without IDR0.PRI: "ACK bits are RAZ if the matching IRQ_CTRL bit is reserved"
 /// (digest 7.4).
 #[test]
-#[ignore = "model bug: IRQ_CTRLACK.PRIQ_IRQEN reads 1 on an SMMU without PRI"]
 fn irq_ctrlack_priq_raz_without_pri() {
     let mut d = probe_with(features(), DriverConfig::default());
     d.write32(ARM_SMMU_IRQ_CTRL, IRQ_CTRL_PRIQ_IRQEN | IRQ_CTRL_EVTQ_IRQEN);
@@ -273,15 +271,16 @@ fn gbpa_abort_applies_only_when_disabled() {
 }
 
 /// EVTQ_PROD and EVTQ_CONS live in page 1 (0x100a8/0x100ac): PROD is writable only while the
-/// event queue is disabled, CONS always (6.3.95/96).
+/// event queue is disabled, CONS always (6.3.95/96). The base goes first: PROD bits above the
+/// wrap bit of EVENTQ_BASE.LOG2SIZE are RAZ (6.3.30).
 #[test]
 fn evtq_page1_prod_cons() {
     let mut d = probe_with(features(), DriverConfig::default());
+    d.write64(ARM_SMMU_EVTQ_BASE, d.evtq.q_base());
     d.write32(ARM_SMMU_EVTQ_PROD, 5);
     d.write32(ARM_SMMU_EVTQ_CONS, 3);
     assert_eq!(d.read32(ARM_SMMU_EVTQ_PROD), 5);
     assert_eq!(d.read32(ARM_SMMU_EVTQ_CONS), 3);
-    d.write64(ARM_SMMU_EVTQ_BASE, d.evtq.q_base());
     d.write_reg_sync(CR0_EVTQEN, ARM_SMMU_CR0, ARM_SMMU_CR0ACK)
         .unwrap();
     d.write32(ARM_SMMU_EVTQ_PROD, 7);
@@ -397,7 +396,6 @@ fn guarded_registers_ignored_while_enabled() {
 /// CR1.TABLE_* is guarded by SMMUEN and CR1.QUEUE_* by the queue enables: v3.2+ ignores
 /// writes while enabled (digest 7.1).
 #[test]
-#[ignore = "model bug: CR1 accepts writes while SMMUEN/CMDQEN/EVENTQEN are set"]
 fn cr1_guarded_while_enabled() {
     let mut d = boot(features());
     let before = d.read32(ARM_SMMU_CR1);

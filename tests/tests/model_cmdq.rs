@@ -424,7 +424,6 @@ fn cmd_sync_completion_by_msi() {
 /// An MSI address beyond the OAS is truncated to the OAS (digest 4.2 CMD_SYNC, 3.4.3): the
 /// write lands in guest RAM.
 #[test]
-#[ignore = "model bug: CMD_SYNC MSIAddress beyond the OAS is not truncated (MsiWrite to the full address)"]
 fn cmd_sync_msi_address_truncated_to_oas() {
     let f = Features {
         msi: true,
@@ -539,7 +538,6 @@ fn prefetch_and_commands_with_smmu_disabled() {
 
 /// CMDQ_CONS.RD bits above the wrap bit (\[19:QS+1\]) are RAZ (6.3.28, digest 5).
 #[test]
-#[ignore = "model bug: CMDQ_CONS/EVENTQ_PROD bits above the wrap bit read back as written instead of RAZ"]
 fn queue_index_bits_above_wrap_are_raz() {
     let mut d = probe_with(features(), DriverConfig::default());
     d.write64(ARM_SMMU_CMDQ_BASE, d.cmdq.q_base());
@@ -649,7 +647,6 @@ fn out_of_range_ids_are_not_illegal() {
 /// With IDR5.DS = 0, TG = 16K with TTL = 0b01 is treated as TTL = 0b00, so NUM = SCALE = 0
 /// makes it the Reserved encoding: CERROR_ILL (4.4.1.1, digest 4.2).
 #[test]
-#[ignore = "model bug: TLBI range TG=16K TTL=0b01 NUM=SCALE=0 accepted; TTL should be treated as 0 (Reserved)"]
 fn tlbi_range_16k_ttl1_reserved() {
     let mut d = boot(features());
     let t = Tlbi {

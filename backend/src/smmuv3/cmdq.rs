@@ -4,7 +4,7 @@ use vm_memory::GuestAddress;
 
 use super::queue::QueueGeometry;
 use super::spec::cmd::{Opcode, RawCommand, sync_cs};
-use super::spec::regs::{Gerror, cerror, queue_reg};
+use super::spec::regs::{Gerror, Idr5, cerror, queue_reg};
 use super::tlb::{TlbTag, overlaps};
 use super::{CmdqStatus, Effect, GuestMemory, IrqLine, SidRange, Smmu};
 
@@ -284,27 +284,40 @@ impl Smmu {
     }
 
     /// Signals a CMD_SYNC's completion (SMMUv3 4.7.3). CS = SIG_IRQ: an MSI write of MSIData
-    /// when the SMMU has MSIs and MSIAddress is not zero, and the wired CMD_SYNC interrupt
-    /// regardless of MSIAddress. CS = none, or SEV without IDR0.SEV: nothing.
+    /// when the SMMU has MSIs and MSIAddress is not zero, to MSIAddress truncated to the OAS
+    /// (3.4.3), and the wired CMD_SYNC interrupt regardless of MSIAddress. CS = none, or SEV
+    /// without IDR0.SEV: nothing.
     fn complete_sync<M: GuestMemory>(&mut self, mem: &M, cmd: &RawCommand) {
         if cmd.sync_cs() != sync_cs::SIG_IRQ {
             return;
         }
-        let address = cmd.sync_msiaddr();
-        if self.features.msi && address != 0 {
+        if let Some(address) = self.msi_target(cmd.sync_msiaddr()) {
             self.msi_write(mem, address, cmd.sync_msidata());
         }
         self.effects.push(Effect::Irq(IrqLine::CmdSync));
     }
 
     /// A range invalidation with TG set but NUM, SCALE and TTL all zero is Reserved
-    /// (SMMUv3 4.4.1.1). Without IDR3.RIL the range fields are RES0 and ignored.
+    /// (SMMUv3 4.4.1.1), TTL taken as [`Smmu::effective_ttl`]. Without IDR3.RIL the range
+    /// fields are RES0 and ignored.
     fn valid_range(&self, cmd: &RawCommand) -> Result<(), Illegal> {
-        let reserved = cmd.tg() != 0 && cmd.num() == 0 && cmd.scale() == 0 && cmd.ttl() == 0;
+        let reserved =
+            cmd.tg() != 0 && cmd.num() == 0 && cmd.scale() == 0 && self.effective_ttl(cmd) == 0;
         if self.features.ril && reserved {
             Err(Illegal)
         } else {
             Ok(())
+        }
+    }
+
+    /// A TLBI's TTL \[73:72\] as the SMMU uses it. With TG = 16K (0b10), TTL = 0b01 (level 1)
+    /// is reserved unless IDR5.DS (52-bit addresses with 16K) is set, and is treated as 0b00
+    /// (SMMUv3 4.4.1.1, as for the PE's TLBI TTL).
+    fn effective_ttl(&self, cmd: &RawCommand) -> u8 {
+        let ds = Idr5::from_bits(self.regs.id.idr[5]).ds();
+        match (cmd.tg(), cmd.ttl()) {
+            (2, 1) if !ds => 0,
+            (_, ttl) => ttl,
         }
     }
 

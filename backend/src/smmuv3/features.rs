@@ -78,6 +78,12 @@ impl Features {
         }
     }
 
+    /// Mask of the physical address bits within the OAS, \[OAS-1:0\].
+    pub fn oas_mask(&self) -> u64 {
+        1u64.checked_shl(u32::from(self.oas_bits))
+            .map_or(u64::MAX, |limit| limit.wrapping_sub(1))
+    }
+
     /// The ID registers the guest reads.
     pub fn id_regs(&self) -> IdRegs {
         let idr0 = Idr0::new()
@@ -139,5 +145,18 @@ mod tests {
         assert_eq!(regs.idr[3], 0x1404);
         // OAS=44 bits (4), GRAN4K, GRAN16K, GRAN64K.
         assert_eq!(regs.idr[5], 0x74);
+    }
+
+    /// The OAS mask never overflows, whatever size a configuration names.
+    #[test]
+    fn oas_mask_covers_the_output_address_size() {
+        let mut f = Features::qemu_default();
+        assert_eq!(f.oas_mask(), (1 << 44) - 1);
+        f.oas_bits = 64;
+        assert_eq!(f.oas_mask(), u64::MAX);
+        f.oas_bits = 255;
+        assert_eq!(f.oas_mask(), u64::MAX);
+        f.oas_bits = 0;
+        assert_eq!(f.oas_mask(), 0);
     }
 }

@@ -315,10 +315,21 @@ impl Smmu {
     /// Signals an interrupt: an MSI when MSIs are implemented and configured, else the wired
     /// line.
     fn signal<M: GuestMemory>(&mut self, mem: &M, line: IrqLine, cfg: registers::IrqCfg) {
-        match cfg.msi_address().filter(|_| self.features.msi) {
+        match cfg
+            .msi_address()
+            .and_then(|address| self.msi_target(address))
+        {
             Some(address) => self.msi_write(mem, address, cfg.cfg1),
             None => self.effects.push(Effect::Irq(line)),
         }
+    }
+
+    /// Where an MSI to `address` goes: SMMU-originated accesses use physical addresses
+    /// truncated to the OAS (SMMUv3 3.4.3). `None` without IDR0.MSI, or when the truncated
+    /// address is 0 (MSIs disabled).
+    fn msi_target(&self, address: u64) -> Option<u64> {
+        let address = address & self.features.oas_mask();
+        (self.features.msi && address != 0).then_some(address)
     }
 
     /// A 32-bit MSI write: into guest RAM directly, or to the frontend for a doorbell.

@@ -6,8 +6,8 @@ use viommu_protocol::types::IdRegs;
 
 use super::queue::QueueGeometry;
 use super::spec::regs::{
-    Cr0, Cr1, Cr2, Gbpa, Gerror, IrqCfg0, IrqCfg2, IrqCtrl, QueueBase, StrtabBase, StrtabBaseCfg,
-    offset, queue_reg,
+    Cr0, Cr1, Cr2, Gbpa, Gerror, Idr0, Idr1, IrqCfg0, IrqCfg2, IrqCtrl, QueueBase, StrtabBase,
+    StrtabBaseCfg, offset, queue_reg,
 };
 
 /// PROD and CONS hold index and wrap bits for queues of up to 2^19 entries: bits \[19:0\].
@@ -70,6 +70,13 @@ impl QueueRegs {
             log2size,
             entry_size,
         }
+    }
+
+    /// Mask of the PROD/CONS bits that hold index and wrap flag, \[QS:0\] with QS = LOG2SIZE
+    /// capped at `max_log2`. Bits \[19:QS+1\] of the SMMU-owned index (CMDQ_CONS.RD,
+    /// EVENTQ_PROD.WR) are RAZ (SMMUv3 6.3.28, 6.3.30).
+    pub fn pointer_mask(&self, max_log2: u8) -> u32 {
+        self.geometry(max_log2, 1).pointer_mask()
     }
 }
 
@@ -136,6 +143,76 @@ impl Registers {
         }
     }
 
+    /// IDR0, which says which optional control bits exist.
+    fn idr0(&self) -> Idr0 {
+        Idr0::from_bits(self.id.idr[0])
+    }
+
+    /// IDR1, which caps the queue sizes.
+    fn idr1(&self) -> Idr1 {
+        Idr1::from_bits(self.id.idr[1])
+    }
+
+    /// The CR0 bits this SMMU implements: SMMUEN \[0\], EVENTQEN \[2\] and CMDQEN \[3\]; PRIQEN
+    /// \[1\] with IDR0.PRI, ATSCHK \[4\] with IDR0.ATS, VMW \[8:6\] with IDR0.VMW. The others are
+    /// RES0, kept at zero so that CR0ACK never reflects them (SMMUv3 6.3.9, 6.3.10).
+    pub fn cr0_writable(&self) -> u32 {
+        let idr0 = self.idr0();
+        Cr0::new()
+            .with_smmuen(true)
+            .with_priqen(idr0.pri())
+            .with_eventqen(true)
+            .with_cmdqen(true)
+            .with_atschk(idr0.ats())
+            .with_vmw(if idr0.vmw() { 0b111 } else { 0 })
+            .into_bits()
+    }
+
+    /// The IRQ_CTRL bits this SMMU implements: GERROR_IRQEN \[0\] and EVENTQ_IRQEN \[2\];
+    /// PRIQ_IRQEN \[1\] with IDR0.PRI. A reserved enable reads 0 in IRQ_CTRLACK too
+    /// (SMMUv3 6.3.16, 6.3.17).
+    pub fn irq_ctrl_writable(&self) -> u32 {
+        IrqCtrl::new()
+            .with_gerror_irqen(true)
+            .with_priq_irqen(self.idr0().pri())
+            .with_eventq_irqen(true)
+            .into_bits()
+    }
+
+    /// A CR1 write: TABLE_* \[11:6\] change only while SMMUEN = 0, QUEUE_* \[5:0\] only while
+    /// every queue is disabled; SMMUv3.2 and later ignore the guarded fields' writes otherwise
+    /// (SMMUv3 6.3.11). CR0ACK equals CR0 in this model, so CR0 stands for both.
+    fn write_cr1(&mut self, v: u32) {
+        let new = Cr1::from_bits(v & Cr1::WRITABLE);
+        let mut cr1 = self.cr1;
+        if !self.cr0.smmuen() {
+            cr1 = cr1
+                .with_table_ic(new.table_ic())
+                .with_table_oc(new.table_oc())
+                .with_table_sh(new.table_sh());
+        }
+        if !(self.cr0.cmdqen() || self.cr0.eventqen() || self.cr0.priqen()) {
+            cr1 = cr1
+                .with_queue_ic(new.queue_ic())
+                .with_queue_oc(new.queue_oc())
+                .with_queue_sh(new.queue_sh());
+        }
+        self.cr1 = cr1;
+    }
+
+    /// CMDQ_CONS as read: ERR \[30:24\] and RD \[QS:0\]; RD bits above the wrap flag are RAZ
+    /// (SMMUv3 6.3.28).
+    fn cmdq_cons(&self) -> u32 {
+        let err = queue_reg::ERR_MASK << queue_reg::ERR_SHIFT;
+        self.cmdq.cons & (err | self.cmdq.pointer_mask(self.idr1().cmdqs()))
+    }
+
+    /// EVENTQ_PROD as read: OVFLG \[31\] and WR \[QS:0\]; WR bits above the wrap flag are RAZ
+    /// (SMMUv3 6.3.30).
+    fn eventq_prod(&self) -> u32 {
+        self.eventq.prod & (queue_reg::OVERFLOW | self.eventq.pointer_mask(self.idr1().eventqs()))
+    }
+
     /// Errors that are active: GERROR bits that differ from GERRORN.
     pub fn active_errors(&self) -> Gerror {
         Gerror::from_bits((self.gerror ^ self.gerrorn) & Gerror::MASK)
@@ -170,8 +247,8 @@ impl Registers {
             offset::GERROR_IRQ_CFG2 if self.msi => self.gerror_irq.cfg2,
             offset::STRTAB_BASE_CFG => self.strtab_base_cfg.into_bits(),
             offset::CMDQ_PROD => self.cmdq.prod,
-            offset::CMDQ_CONS => self.cmdq.cons,
-            offset::EVENTQ_PROD => self.eventq.prod,
+            offset::CMDQ_CONS => self.cmdq_cons(),
+            offset::EVENTQ_PROD => self.eventq_prod(),
             offset::EVENTQ_CONS => self.eventq.cons,
             offset::EVENTQ_IRQ_CFG1 if self.msi => self.eventq_irq.cfg1,
             offset::EVENTQ_IRQ_CFG2 if self.msi => self.eventq_irq.cfg2,
@@ -279,12 +356,12 @@ impl Registers {
         match off {
             offset::CR0 => {
                 let old = self.cr0;
-                self.cr0 = Cr0::from_bits(v & Cr0::WRITABLE);
+                self.cr0 = Cr0::from_bits(v & self.cr0_writable());
                 if old != self.cr0 {
                     actions.push(RegisterAction::Cr0 { old, new: self.cr0 });
                 }
             }
-            offset::CR1 => self.cr1 = Cr1::from_bits(v & Cr1::WRITABLE),
+            offset::CR1 => self.write_cr1(v),
             offset::CR2 if !self.cr0.smmuen() => self.cr2 = Cr2::from_bits(v & Cr2::WRITABLE),
             // The attributes change only with UPDATE = 1 (a write without it is ignored); the
             // update completes at once, so UPDATE always reads 0.
@@ -296,7 +373,7 @@ impl Registers {
                     new: self.gbpa,
                 });
             }
-            offset::IRQ_CTRL => self.irq_ctrl = IrqCtrl::from_bits(v & IrqCtrl::WRITABLE),
+            offset::IRQ_CTRL => self.irq_ctrl = IrqCtrl::from_bits(v & self.irq_ctrl_writable()),
             offset::GERRORN => {
                 self.gerrorn = v & Gerror::MASK;
                 actions.push(RegisterAction::GerrorAck);

@@ -150,11 +150,11 @@ impl Smmu {
         };
         let err_field = queue_reg::ERR_MASK << queue_reg::ERR_SHIFT;
         let mut regs = Registers::new(self.features.id_regs(), msi);
-        regs.cr0 = Cr0::from_bits(s.cr0 & Cr0::WRITABLE);
+        regs.cr0 = Cr0::from_bits(s.cr0 & regs.cr0_writable());
         regs.cr1 = Cr1::from_bits(s.cr1 & Cr1::WRITABLE);
         regs.cr2 = Cr2::from_bits(s.cr2 & Cr2::WRITABLE);
         regs.gbpa = Gbpa::from_bits(s.gbpa & Gbpa::FIELDS);
-        regs.irq_ctrl = IrqCtrl::from_bits(s.irq_ctrl & IrqCtrl::WRITABLE);
+        regs.irq_ctrl = IrqCtrl::from_bits(s.irq_ctrl & regs.irq_ctrl_writable());
         regs.gerror = s.gerror & Gerror::MASK;
         regs.gerrorn = s.gerrorn & Gerror::MASK;
         regs.gerror_irq = irq(&s.gerror_irq);

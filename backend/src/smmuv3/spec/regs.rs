@@ -264,11 +264,6 @@ pub struct Cr0 {
     __: u32,
 }
 
-impl Cr0 {
-    /// The bits this model implements: SMMUEN, PRIQEN, EVENTQEN, CMDQEN, ATSCHK, VMW.
-    pub const WRITABLE: u32 = 0x1df;
-}
-
 /// SMMU_CR1: cacheability and shareability of table and queue accesses.
 #[bitfield(u32)]
 #[derive(PartialEq, Eq)]
@@ -371,11 +366,6 @@ pub struct IrqCtrl {
     pub eventq_irqen: bool,
     #[bits(29)]
     __: u32,
-}
-
-impl IrqCtrl {
-    /// Bits \[2:0\].
-    pub const WRITABLE: u32 = 0x7;
 }
 
 /// SMMU_GERROR and SMMU_GERRORN: an error is active while its bits differ.
