@@ -40,6 +40,12 @@ struct Args {
     #[arg(long)]
     print_capabilities: bool,
 
+    /// After each message, poll the connection this many microseconds for the next one before
+    /// sleeping (0: never). Round trips within a burst of register accesses skip the wake-up.
+    /// Example: --busy-poll-us 0
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    busy_poll_us: u64,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, takes precedence).
     /// Example: --log-level debug
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -78,12 +84,15 @@ fn capabilities() -> String {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
+    let options = daemon::Options {
+        busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
+    };
     match (&args.socket_path, args.fd) {
         (Some(path), None) => {
             let listener = listen(path)?;
             let shutdown = Shutdown::install()?;
             info!("listening on {}", path.display());
-            let result = daemon::serve_listener(&listener, &shutdown);
+            let result = daemon::serve_listener(&listener, &shutdown, &options);
             let _ = std::fs::remove_file(path);
             result?;
             Ok(())
@@ -91,7 +100,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (None, Some(fd)) => {
             let stream = inherited::unix_stream(fd)?;
             let shutdown = Shutdown::install()?;
-            daemon::serve_connection(stream, &shutdown)?;
+            daemon::serve_connection(stream, &shutdown, &options)?;
             Ok(())
         }
         _ => bail!("one of --socket-path or --fd is required (see --help)"),

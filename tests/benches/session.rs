@@ -19,7 +19,7 @@ use viommu_tests::guest::pgtable::{Granule, prot};
 use viommu_tests::guest::regs::ARM_SMMU_IDR0;
 use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig, SmmuPort};
 use viommu_tests::scenario::{ALLOC_START, default_config};
-use viommu_tests::{BackendProcess, MockQemu, backend_binary_built, scenario};
+use viommu_tests::{BackendProcess, MockQemu, build_backend, scenario};
 
 const WARMUP: usize = 1_000;
 const ITERATIONS: usize = 20_000;
@@ -66,12 +66,26 @@ fn main() {
         println!("session benchmark: run with `cargo bench -p viommu-tests --bench session`");
         return;
     }
+    // Always current: a stale daemon would measure old code.
+    let binary = build_backend().unwrap();
+    println!("daemon: {}", binary.display());
+    for (label, args) in [
+        ("default (busy-poll 50 us)", &["--log-level", "error"][..]),
+        (
+            "--busy-poll-us 0",
+            &["--log-level", "error", "--busy-poll-us", "0"][..],
+        ),
+    ] {
+        println!("\n== daemon {label}");
+        run(&binary, args);
+    }
+}
+
+fn run(binary: &std::path::Path, args: &[&str]) {
     let dir = std::env::temp_dir().join(format!("viommu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vsmmu.sock");
-    let binary = backend_binary_built().unwrap();
-    println!("daemon: {}", binary.display());
-    let daemon = BackendProcess::spawn_with(&binary, &socket, &["--log-level", "error"]).unwrap();
+    let daemon = BackendProcess::spawn_with(binary, &socket, args).unwrap();
     let pid = daemon.pid();
 
     let mut qemu = MockQemu::connect(&socket, Duration::from_secs(10)).unwrap();

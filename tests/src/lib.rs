@@ -478,6 +478,12 @@ pub fn backend_binary_built() -> anyhow::Result<PathBuf> {
     if let Ok(path) = backend_binary() {
         return Ok(path);
     }
+    build_backend()
+}
+
+/// Builds `viommu-backend` with the `cargo` that runs this program (an up-to-date binary is
+/// left alone), in the profile this program was built with, and returns its path.
+pub fn build_backend() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "viommu-backend", "--bin", "viommu-backend"]);

@@ -14,6 +14,9 @@ use super::{DriverError, Result};
 /// How many times a poll loop reads before giving up (`ARM_SMMU_POLL_TIMEOUT_US`).
 pub const POLL_LIMIT: u32 = 100_000;
 
+/// How many MSI polls pass between two looks at GERROR (standing in for its interrupt).
+pub const GERROR_CHECK_INTERVAL: u32 = 64;
+
 /// How a CMD_SYNC's completion is awaited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncWait {
@@ -156,6 +159,9 @@ impl Cmdq {
     }
 
     /// `arm_smmu_cmdq_poll_until_msi`: the SMMU writes MSIDATA (0) over the sync's first word.
+    /// Like Linux, the wait reads only that word of memory and then knows CONS passed the sync,
+    /// without an MMIO read. A command error would reach Linux as the GERROR interrupt, which
+    /// skips the bad command; here GERROR is checked every [`GERROR_CHECK_INTERVAL`] polls.
     fn poll_until_msi<P: SmmuPort, M: GuestRam>(
         &mut self,
         port: &mut P,
@@ -163,13 +169,17 @@ impl Cmdq {
         sync_at: u32,
     ) -> Result<()> {
         let slot = self.entry_addr(sync_at)?;
-        for _ in 0..POLL_LIMIT {
+        for i in 0..POLL_LIMIT {
             if read_u32(mem, slot)? == 0 {
-                self.sync_cons_in(port);
+                self.llq.cons = self.llq.inc(sync_at);
                 return Ok(());
             }
-            Self::check_error(port)?;
+            if i % GERROR_CHECK_INTERVAL == GERROR_CHECK_INTERVAL - 1 {
+                Self::check_error(port)?;
+            }
+            std::hint::spin_loop();
         }
+        Self::check_error(port)?;
         Err(DriverError::Timeout("CMD_SYNC MSI never arrived"))
     }
 
