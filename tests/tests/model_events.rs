@@ -897,7 +897,6 @@ fn f_translation_nested_classes() {
 /// 40-bit input range is not "out of range" (3.4.3): the CD fetch goes to stage 2, which
 /// reports a Translation fault with CLASS = CD and the IPA (digest 1.2 rule 5).
 #[test]
-#[ignore = "model bug: S1ContextPtr checked against S2T0SZ instead of IAS, giving C_BAD_STE"]
 fn nested_cd_ptr_beyond_s2_range_is_stage2_fault() {
     let mut d = boot(s2_features());
     let s2 = nested_s2(&mut d, 8);
@@ -1120,7 +1119,6 @@ fn f_permission() {
 /// Stage 2 refusing a stage-1 descriptor read: F_PERMISSION with S2 = 1, CLASS = TT, the
 /// descriptor's IPA, and TTRnW = 1 (the walk read the descriptor) (7.3.16, digest 6.4).
 #[test]
-#[ignore = "model bug: F_PERMISSION with CLASS = TT records TTRnW = 0 (descriptor write) for a descriptor read"]
 fn f_permission_nested_table_read_ttrnw() {
     let mut d = boot(s2_features());
     let s2 = nested_s2(&mut d, 10);

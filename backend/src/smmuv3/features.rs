@@ -84,6 +84,14 @@ impl Features {
             .map_or(u64::MAX, |limit| limit.wrapping_sub(1))
     }
 
+    /// Intermediate address size in bits (IHI 0070 3.4): MAX(IDR0.TTF\[0\] ? 40 : 0,
+    /// IDR0.TTF\[1\] ? OAS : 0). This SMMU advertises AArch64 tables only (TTF = 0b10), so
+    /// the IAS equals the OAS. It bounds every IPA the SMMU accepts, including a nested
+    /// STE's S1ContextPtr.
+    pub fn ias_bits(&self) -> u8 {
+        self.oas_bits
+    }
+
     /// The ID registers the guest reads.
     pub fn id_regs(&self) -> IdRegs {
         let idr0 = Idr0::new()

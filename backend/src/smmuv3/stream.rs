@@ -279,11 +279,15 @@ pub fn decode_ste(ste: &Ste, features: &Features) -> Result<StreamConfig, Config
             d @ (S1Dss::BYPASS | S1Dss::SUBSTREAM0) => d,
             _ => S1Dss::TERMINATE,
         };
-        // S1ContextPtr beyond the OAS (a PA) or beyond stage 2's input size (an IPA).
+        // S1ContextPtr (\[51:6\]) is ILLEGAL beyond the OAS when it is a PA, or beyond the
+        // IAS when stage 2 translates it as an IPA (IHI 0070 5.2, 3.4.3). An IPA within the
+        // IAS but outside the stage-2 input range (S2T0SZ) is not an STE error: the CD fetch
+        // goes to stage 2, which reports F_TRANSLATION with S2 = 1 and CLASS = CD.
         let ptr = ste.s1_context_ptr();
-        let limit = match &s2 {
-            Some(s2) => 64u32.saturating_sub(u32::from(s2.walk.tsz)),
-            None => u32::from(features.oas_bits),
+        let limit = if s2.is_some() {
+            u32::from(features.ias_bits())
+        } else {
+            u32::from(features.oas_bits)
         };
         if ptr >= pow2(limit).unwrap_or(u64::MAX) {
             return Err(ConfigFault::BadSte);
@@ -315,7 +319,7 @@ fn decode_ste_s2(ste: &Ste, features: &Features) -> Result<Stage2, ConfigFault> 
         .min(features.oas_bits);
     let tsz = q2.s2t0sz();
     let sl0 = q2.s2sl0();
-    if !s2_geometry_valid(granule, tsz, sl0, features.oas_bits) {
+    if !s2_geometry_valid(granule, tsz, sl0, features.ias_bits()) {
         return Err(ConfigFault::BadSte);
     }
     // S2TTB beyond the effective PS, or beyond 48 bits (no 52-bit tables), is ILLEGAL.
@@ -671,6 +675,24 @@ mod linux_vectors {
             ..features()
         };
         assert_eq!(decode_ste(&s, &s1_only), Err(ConfigFault::BadSte));
+    }
+
+    /// A nested STE's S1ContextPtr is an IPA bounded by the IAS (48 bits here), not by the
+    /// stage-2 input range: 2^41 with a 40-bit S2T0SZ decodes (the CD fetch then faults in
+    /// stage 2), 2^48 is ILLEGAL.
+    #[test]
+    fn nested_cd_ptr_bounded_by_ias() {
+        let q2 = (S2_WORDS[0] & !(0xff << 32)) | (24 << 32) | (2 << 38);
+        let nested = |ptr: u64| ste([0xf | ptr, 0, q2, 0x0000_0008_8000_0000]);
+        let ok = decode_ste(&nested(1 << 41), &features());
+        assert!(
+            matches!(ok, Ok(StreamConfig::Translate { s1: Some(t), s2: Some(_), .. }) if t.ptr == 1 << 41),
+            "{ok:?}"
+        );
+        assert_eq!(
+            decode_ste(&nested(1 << 48), &features()),
+            Err(ConfigFault::BadSte)
+        );
     }
 
     #[test]

@@ -106,7 +106,9 @@ impl Transaction {
 
     /// A walk fault's record: S2 and CLASS say where it happened (a stage-1 fault is CLASS
     /// IN, except a stage-1 F_WALK_EABT, which is CLASS TT); stage-2 faults carry the IPA,
-    /// F_WALK_EABT the descriptor's address.
+    /// F_WALK_EABT the descriptor's address. RnW, PnU and InD always describe the transaction;
+    /// a stage-2 F_PERMISSION on a stage-1 table access (CLASS = TT) also says in TTRnW what
+    /// that table access was.
     fn walk_event(&self, fault: &WalkFault) -> Event {
         let eabt = fault.kind == FaultKind::WalkEabt;
         let class = match (fault.stage2, fault.class) {
@@ -123,6 +125,10 @@ impl Transaction {
             ev = ev.with_fetch_addr(fault.fetch_addr);
         } else if fault.stage2 {
             ev = ev.with_ipa(fault.ipa);
+        }
+        if fault.kind == FaultKind::Permission && fault.stage2 && fault.class == FaultClass::Tt {
+            // The only table access the walker makes is a descriptor read (no HTTU).
+            ev = ev.with_tt_read(walk::TABLE_FETCH.read);
         }
         ev
     }

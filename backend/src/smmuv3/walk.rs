@@ -264,8 +264,9 @@ const TTB1_SELECT: u64 = 1 << 55;
 /// Address bits \[63:56\], ignored for the address range of a table with TBI.
 const TOP_BYTE: u64 = 0xff << 56;
 
-/// The access a stage-1 descriptor fetch makes, for stage 2's permission check.
-const TABLE_FETCH: AccessKind = AccessKind {
+/// The access a stage-1 descriptor fetch makes, for stage 2's permission check: an
+/// unprivileged data read (no HTTU, so the walker never writes a descriptor).
+pub const TABLE_FETCH: AccessKind = AccessKind {
     read: true,
     write: false,
     exec: false,

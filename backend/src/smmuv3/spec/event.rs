@@ -89,6 +89,14 @@ impl Event {
         self
     }
 
+    /// \[108\] TTRnW of an F_PERMISSION record with CLASS = TT: the stage-1 translation table
+    /// access that stage 2 refused was a read (1) or a write (0, an HTTU update). RES0 for
+    /// any other CLASS and in the other fault records.
+    pub fn with_tt_read(mut self, read: bool) -> Self {
+        self.words[1] |= u64::from(read) << 44;
+        self
+    }
+
     /// \[31:12\] SubstreamID with no SSV qualifier (C_BAD_SUBSTREAMID: always valid).
     pub fn with_substream(mut self, ssid: u32) -> Self {
         self.words[0] |= u64::from(ssid & 0xf_ffff) << 12;
@@ -148,5 +156,17 @@ mod tests {
         assert_eq!(ev.words[2], 0xdead_b000);
         assert_eq!(ev.words[3], 0x8_0000_1000);
         assert_eq!(&ev.bytes()[..8], &[0x10, 0x08 | 0x30, 0, 0, 0x10, 0, 0, 0]);
+    }
+
+    /// TTRnW is EVTQ_1_TT_READ (dword 1 bit 44, record bit 108), beside RnW (bit 35).
+    #[test]
+    fn permission_fault_ttrnw_layout() {
+        let ev = Event::new(EventId::F_PERMISSION, 4)
+            .with_access(false, false, false)
+            .with_fault_stage(true, class::TT)
+            .with_tt_read(true);
+        assert_eq!(ev.words[1], (1 << 44) | (1 << 40) | (1 << 39) | (1 << 35));
+        let ev = Event::new(EventId::F_PERMISSION, 4).with_tt_read(false);
+        assert_eq!(ev.words[1], 0);
     }
 }
