@@ -3,10 +3,13 @@
 //! - [`smmuv3`]: the SMMUv3 model, a pure library over guest memory;
 //! - [`session`]: one frontend connection, the protocol around the model;
 //! - [`memory`]: guest RAM from the frontend's memory table;
+//! - [`handed_out`]: what the frontend may have cached, so invalidations it need not hear of
+//!   cost no round trip;
 //! - [`daemon`]: the event loop that serves frontends one after another;
 //! - [`inherited`]: adopting a socket passed with `--fd`.
 
 pub mod daemon;
+pub mod handed_out;
 pub mod inherited;
 pub mod memory;
 pub mod session;

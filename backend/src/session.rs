@@ -23,6 +23,7 @@ use viommu_protocol::{
     Features, FrontendReply, FrontendRequest, Incoming, Request, StateBlob, Status,
 };
 
+use crate::handed_out::{self, HandedOut};
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
 use crate::smmuv3::snapshot::SmmuSnapshot;
 use crate::smmuv3::stream::StreamConfig;
@@ -132,6 +133,7 @@ pub struct Session {
     irqs: [Option<OwnedFd>; 4],
     channel: Option<BackendChannel>,
     devices: BTreeMap<u32, Device>,
+    handed_out: HandedOut,
     counters: SessionCounters,
 }
 
@@ -165,6 +167,7 @@ impl Session {
             irqs: [None, None, None, None],
             channel: None,
             devices: BTreeMap::new(),
+            handed_out: HandedOut::default(),
             counters: SessionCounters::default(),
         }
     }
@@ -370,6 +373,7 @@ impl Session {
                 self.require(Phase::Configured, name)?;
                 match self.devices.remove(&handle) {
                     Some(dev) => {
+                        self.handed_out.invalidate_device(handle);
                         info!("device {handle} (SID {:#x}) detached", dev.sid);
                         Ok(FrontendReply::Ack)
                     }
@@ -518,6 +522,13 @@ impl Session {
                     // Reachable only for probes of a mapping that allows nothing.
                     TranslateReply::Fault { event: 0 }
                 } else {
+                    let start = t.iova & !mask;
+                    let handle = self
+                        .devices
+                        .iter()
+                        .find(|(_, d)| d.sid == t.sid)
+                        .map(|(&h, _)| h);
+                    self.handed_out.record(handle, start, start | mask);
                     TranslateReply::Translated {
                         addr: tr.output_base,
                         addr_mask: mask,
@@ -540,6 +551,7 @@ impl Session {
             _ => return Ok(()),
         };
         let mut outgoing = Vec::new();
+        let mut stale = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Irq(line) => self.pulse(line),
@@ -549,16 +561,21 @@ impl Session {
                 Effect::StreamsChanged(range) => {
                     self.update_spaces(range, &mut outgoing)?;
                 }
-                Effect::TranslationsInvalidated { start, last } => {
-                    outgoing.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
-                        handle: None,
-                        ssid: None,
-                        start,
-                        last,
-                    }));
-                }
+                Effect::TranslationsInvalidated { start, last } => stale.push((start, last)),
                 // Host invalidations concern passthrough devices, which need PASSTHROUGH.
                 Effect::HostInvalidate(_) => {}
+            }
+        }
+        // One message per run of adjacent ranges, and none for what the frontend cannot
+        // have cached.
+        for (start, last) in handed_out::coalesce(stale) {
+            if self.handed_out.invalidate_all(start, last) {
+                outgoing.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
+                    handle: None,
+                    ssid: None,
+                    start,
+                    last,
+                }));
             }
         }
         self.send_backend(outgoing)
@@ -587,12 +604,14 @@ impl Session {
                 debug!("device {handle}: address space {space:?}");
                 out.push(BackendRequest::SetAddressSpace { handle, space });
             }
-            out.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
-                handle: Some(handle),
-                ssid: None,
-                start: 0,
-                last: u64::MAX,
-            }));
+            if self.handed_out.invalidate_device(handle) {
+                out.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
+                    handle: Some(handle),
+                    ssid: None,
+                    start: 0,
+                    last: u64::MAX,
+                }));
+            }
         }
         // A single stream the backend knows no device for: ask the frontend who is there now
         // (the guest may have renumbered its buses).

@@ -468,17 +468,26 @@ impl Drop for BackendProcess {
     }
 }
 
-/// [`backend_binary`], building it first when it is missing (`cargo test -p viommu-tests` does
-/// not build another package's binaries). Uses the `cargo` that runs the tests.
+/// The `viommu-backend` binary to test, built once per process when cargo runs this program:
+/// `cargo test -p viommu-tests` does not build another package's binaries, and a stale daemon
+/// would test old code. Uses the `cargo` that runs the tests.
 pub fn backend_binary_built() -> anyhow::Result<PathBuf> {
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _serialized = BUILD
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Ok(path) = backend_binary() {
-        return Ok(path);
+    if let Some(path) = built.as_ref() {
+        return Ok(path.clone());
     }
-    build_backend()
+    // Under cargo (CARGO is set), make sure the binary is current: `cargo test -p viommu-tests`
+    // alone would otherwise run a stale daemon. Elsewhere, use what is there.
+    let path = if std::env::var_os("CARGO").is_some() || backend_binary().is_err() {
+        build_backend()?
+    } else {
+        backend_binary()?
+    };
+    *built = Some(path.clone());
+    Ok(path)
 }
 
 /// Builds `viommu-backend` with the `cargo` that runs this program (an up-to-date binary is

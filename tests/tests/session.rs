@@ -518,3 +518,66 @@ fn no_fd_leak_in_the_daemon_after_many_sessions() {
         "fds leaked across 40 sessions"
     );
 }
+
+#[test]
+fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
+    let daemon = Daemon::start("handedout");
+    let mut qemu = started(&daemon);
+    let dev = DEVICES[0];
+    qemu.attach(dev.handle, dev.sid).unwrap();
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    let buf = d.alloc_zeroed(0x40000, 0x1000).unwrap();
+    d.map_range(&pt, dev.iova, buf, 0x40000, prot::RW).unwrap();
+    let domain = d.attach_s1(dev.sid, pt, dev.asid).unwrap();
+    let invalidations = |q: &MockQemu| {
+        q.channel_state()
+            .log
+            .iter()
+            .filter(|n| matches!(n, viommu_tests::channel::Notification::Invalidate { .. }))
+            .count()
+    };
+    let before = invalidations(&qemu);
+    // Nothing translated yet: a TLBI of everything needs no message.
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhAll { vmid: 0 })
+        .unwrap();
+    assert_eq!(invalidations(&qemu), before);
+    // Two pages translated (and cached by the frontend).
+    for page in [0u64, 5] {
+        qemu.translate(dev.handle, None, dev.iova + page * 0x1000, Access::READ)
+            .unwrap();
+    }
+    assert_eq!(qemu.channel_state().cache.len(), 2);
+    // Unmapping 64 pages of which the frontend cached two: the 64 TLBIs reach it as one
+    // message, and both cached pages go.
+    let cmds: Vec<CmdEnt> = (0..64u64)
+        .map(|i| {
+            CmdEnt::TlbiNhVa(viommu_tests::guest::cmd::Tlbi {
+                asid: domain.asid,
+                addr: dev.iova + i * 0x1000,
+                leaf: true,
+                ..Default::default()
+            })
+        })
+        .collect();
+    d.issue_cmds_with_sync(&cmds).unwrap();
+    assert_eq!(
+        invalidations(&qemu),
+        before + 1,
+        "one coalesced message: {:x?}",
+        qemu.channel_state().log
+    );
+    assert!(qemu.channel_state().cache.is_empty());
+    // The same again: nothing is cached any more, so no message.
+    d.issue_cmds_with_sync(&cmds).unwrap();
+    assert_eq!(invalidations(&qemu), before + 1);
+    // A page outside the invalidated range stays cached through an unrelated TLBI.
+    qemu.translate(dev.handle, None, dev.iova + 0x3f000, Access::READ)
+        .unwrap();
+    d.issue_cmds_with_sync(&cmds[..8]).unwrap();
+    assert_eq!(invalidations(&qemu), before + 1);
+    assert_eq!(qemu.channel_state().cache.len(), 1);
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
+}
