@@ -29,7 +29,7 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
     println!(
-        "{name:<44} p50 {:>8.2} us   p99 {:>8.2} us   ({} samples)",
+        "{name:<56} p50 {:>8.2} us   p99 {:>8.2} us   ({} samples)",
         at(0.50).as_secs_f64() * 1e6,
         at(0.99).as_secs_f64() * 1e6,
         samples.len()
@@ -45,6 +45,20 @@ fn measure(name: &str, iterations: usize, mut f: impl FnMut()) {
         let start = Instant::now();
         f();
         samples.push(start.elapsed());
+    }
+    percentiles(name, samples);
+}
+
+/// Like [`measure`], with an untimed `setup` before each timed `f`.
+fn measure_with_setup(name: &str, iterations: usize, mut setup: impl FnMut(), mut f: impl FnMut()) {
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..WARMUP + iterations {
+        setup();
+        let start = Instant::now();
+        f();
+        if i >= WARMUP {
+            samples.push(start.elapsed());
+        }
     }
     percentiles(name, samples);
 }
@@ -111,10 +125,14 @@ fn run(binary: &std::path::Path, args: &[&str]) {
     measure("MMIO_READ round trip (IDR0)", ITERATIONS, || {
         std::hint::black_box(port.read(ARM_SMMU_IDR0, 4));
     });
-    measure("CMDQ_PROD -> CMD_SYNC done, 1 command", ITERATIONS, || {
-        d.issue_cmds_with_sync(&[CmdEnt::TlbiNhAsid { vmid: 0, asid: 1 }])
-            .unwrap();
-    });
+    measure(
+        "CMDQ_PROD -> CMD_SYNC done, 1 command (TLBI_NH_ASID)",
+        ITERATIONS,
+        || {
+            d.issue_cmds_with_sync(&[CmdEnt::TlbiNhAsid { vmid: 0, asid: 1 }])
+                .unwrap();
+        },
+    );
     // Linux's unmap of 63 pages: TLBI_NH_VA per page, then the sync.
     let batch: Vec<CmdEnt> = (0..63u64)
         .map(|i| {
@@ -127,10 +145,32 @@ fn run(binary: &std::path::Path, args: &[&str]) {
         })
         .collect();
     measure(
-        "CMDQ_PROD -> CMD_SYNC done, 64 commands",
+        "CMDQ_PROD -> CMD_SYNC done, 64 commands (63 TLBI_NH_VA)",
         ITERATIONS / 4,
         || {
             d.issue_cmds_with_sync(&batch).unwrap();
+        },
+    );
+    // The frontend cached the page's translation: the TLBI must reach it (IOTLB_INVALIDATE,
+    // acknowledged) before the sync completes.
+    let cached = std::cell::RefCell::new(&mut qemu);
+    let tlbi_page = CmdEnt::TlbiNhVa(Tlbi {
+        asid: 1,
+        addr: 0x1_0000_0000,
+        leaf: true,
+        ..Tlbi::default()
+    });
+    measure_with_setup(
+        "CMDQ_PROD -> CMD_SYNC done, TLBI of a cached page",
+        ITERATIONS / 2,
+        || {
+            cached
+                .borrow_mut()
+                .translate(1, None, 0x1_0000_0010, Access::READ)
+                .unwrap();
+        },
+        || {
+            d.issue_cmds_with_sync(&[tlbi_page]).unwrap();
         },
     );
     let main = qemu.frontend();

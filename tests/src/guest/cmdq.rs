@@ -1,5 +1,7 @@
 //! The command queue producer: Linux's `arm_smmu_cmdq_issue_cmdlist()` for a single CPU.
 
+use std::time::{Duration, Instant};
+
 use super::bits::{get32, prep};
 use super::cmd::{CMDQ_SYNC_0_CS, CMDQ_SYNC_0_CS_NONE, CmdEnt, Command};
 use super::mem::{GuestRam, read_u32, write_qwords};
@@ -14,8 +16,11 @@ use super::{DriverError, Result};
 /// How many times a poll loop reads before giving up (`ARM_SMMU_POLL_TIMEOUT_US`).
 pub const POLL_LIMIT: u32 = 100_000;
 
-/// How many MSI polls pass between two looks at GERROR (standing in for its interrupt).
-pub const GERROR_CHECK_INTERVAL: u32 = 64;
+/// How long an MSI-polled CMD_SYNC is waited for (Linux's ARM_SMMU_POLL_TIMEOUT_US).
+pub const MSI_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long an MSI poll waits between two looks at GERROR (standing in for its interrupt).
+pub const GERROR_CHECK_PERIOD: Duration = Duration::from_micros(500);
 
 /// How a CMD_SYNC's completion is awaited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,8 +165,9 @@ impl Cmdq {
 
     /// `arm_smmu_cmdq_poll_until_msi`: the SMMU writes MSIDATA (0) over the sync's first word.
     /// Like Linux, the wait reads only that word of memory and then knows CONS passed the sync,
-    /// without an MMIO read. A command error would reach Linux as the GERROR interrupt, which
-    /// skips the bad command; here GERROR is checked every [`GERROR_CHECK_INTERVAL`] polls.
+    /// without an MMIO read, and gives up after [`MSI_POLL_TIMEOUT`] (ARM_SMMU_POLL_TIMEOUT_US).
+    /// A command error would reach Linux as the GERROR interrupt, which skips the bad command;
+    /// here GERROR is read every [`GERROR_CHECK_PERIOD`] of waiting.
     fn poll_until_msi<P: SmmuPort, M: GuestRam>(
         &mut self,
         port: &mut P,
@@ -169,18 +175,24 @@ impl Cmdq {
         sync_at: u32,
     ) -> Result<()> {
         let slot = self.entry_addr(sync_at)?;
-        for i in 0..POLL_LIMIT {
+        let start = Instant::now();
+        let mut next_check = GERROR_CHECK_PERIOD;
+        loop {
             if read_u32(mem, slot)? == 0 {
                 self.llq.cons = self.llq.inc(sync_at);
                 return Ok(());
             }
-            if i % GERROR_CHECK_INTERVAL == GERROR_CHECK_INTERVAL - 1 {
+            let waited = start.elapsed();
+            if waited >= next_check {
                 Self::check_error(port)?;
+                next_check = waited.saturating_add(GERROR_CHECK_PERIOD);
+            }
+            if waited >= MSI_POLL_TIMEOUT {
+                Self::check_error(port)?;
+                return Err(DriverError::Timeout("CMD_SYNC MSI never arrived"));
             }
             std::hint::spin_loop();
         }
-        Self::check_error(port)?;
-        Err(DriverError::Timeout("CMD_SYNC MSI never arrived"))
     }
 
     /// `arm_smmu_cmdq_poll_until_consumed`: CONS passes the sync.
