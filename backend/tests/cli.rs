@@ -66,6 +66,12 @@ fn bad_invocations_fail_early_with_a_message() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses both");
+    let out = Command::new(BIN)
+        .args(["--socket-path", "x.sock", "--busy-poll-us", "20000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a busy-poll window past 10 ms");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--busy-poll-us"));
 }
 
 /// libvirt's way: one end of a socketpair inherited as `--fd N`.
@@ -170,4 +176,54 @@ fn a_hostile_frontend_does_not_stop_the_daemon() {
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM ends the daemon promptly and cleanly, with a frontend connected or not, and the
+/// socket file goes with it.
+#[test]
+fn sigterm_ends_the_daemon_promptly_and_cleanly() {
+    for connected in [false, true] {
+        let dir = std::env::temp_dir().join(format!(
+            "viommu-cli-term-{}-{connected}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("s.sock");
+        let mut child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let frontend = Frontend::new(connect_retry(&socket));
+        frontend.call(&FrontendRequest::GetFeatures).unwrap();
+        if !connected {
+            drop(frontend);
+            // The daemon is listening again once a new connection is answered.
+            let again = Frontend::new(connect_retry(&socket));
+            again.call(&FrontendRequest::GetFeatures).unwrap();
+            drop(again);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the daemon ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "connected {connected}: {status:?}");
+        assert!(!socket.exists(), "the socket file is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
