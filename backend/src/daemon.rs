@@ -10,6 +10,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::pipe::{PipeFlags, pipe_with};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::limits::ModelLimits;
 use crate::session::{Session, SessionError};
 
 /// Errors of the event loop itself (a session's errors end only that session).
@@ -60,6 +61,8 @@ pub struct Options {
     /// `halt_poll_ns` and QEMU's `poll-max-ns`, a short poll window trades a little CPU during a
     /// burst for round trips that skip the wake-up.
     pub busy_poll: Duration,
+    /// What frontends may configure.
+    pub limits: ModelLimits,
 }
 
 /// The default busy-poll window.
@@ -69,6 +72,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             busy_poll: DEFAULT_BUSY_POLL,
+            limits: ModelLimits::default(),
         }
     }
 }
@@ -132,7 +136,7 @@ pub fn serve_connection(
     options: &Options,
 ) -> Result<Served, DaemonError> {
     let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
-    let mut session = Session::new(stream);
+    let mut session = Session::with_limits(stream, options.limits);
     watch(&epoll, session.connection(), TOKEN_MAIN)?;
     watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
     let mut channel_watched = false;

@@ -6,11 +6,13 @@
 //! - [`handed_out`]: what the frontend may have cached, so invalidations it need not hear of
 //!   cost no round trip;
 //! - [`daemon`]: the event loop that serves frontends one after another;
-//! - [`inherited`]: adopting a socket passed with `--fd`.
+//! - [`inherited`]: adopting a socket passed with `--fd`;
+//! - [`limits`]: what the operator lets a frontend configure.
 
 pub mod daemon;
 pub mod handed_out;
 pub mod inherited;
+pub mod limits;
 pub mod memory;
 pub mod session;
 pub mod smmuv3;

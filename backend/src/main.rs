@@ -16,6 +16,7 @@ use clap::{ArgGroup, Parser};
 use log::{error, info};
 use viommu_backend::daemon::{self, Shutdown};
 use viommu_backend::inherited;
+use viommu_backend::limits::{ModelFeature, ModelLimits};
 use viommu_backend::session::OFFERED_FEATURES;
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.
@@ -46,6 +47,26 @@ struct Args {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll_us: u64,
 
+    /// Largest output address size a frontend may configure (IDR5.OAS): 32, 36, 40, 42, 44 or
+    /// 48. Example: --max-oas-bits 44
+    #[arg(long, value_name = "BITS", default_value_t = 48, value_parser = parse_oas)]
+    max_oas_bits: u8,
+
+    /// Most substream ID bits a frontend may configure (IDR1.SSIDSIZE), 0 to 20.
+    /// Example: --max-ssid-bits 16
+    #[arg(long, value_name = "BITS", default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=20))]
+    max_ssid_bits: u8,
+
+    /// Most stream ID bits a frontend may configure (IDR1.SIDSIZE), 1 to 32.
+    /// Example: --max-sid-bits 16
+    #[arg(long, value_name = "BITS", default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=32))]
+    max_sid_bits: u8,
+
+    /// A model feature frontends may not configure: stage1, stage2, ril, ats or msi. Repeat, or
+    /// separate with commas. Example: --disable-feature stage2,ats
+    #[arg(long, value_name = "FEATURE", value_delimiter = ',', value_parser = parse_feature)]
+    disable_feature: Vec<ModelFeature>,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, takes precedence).
     /// Example: --log-level debug
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -55,7 +76,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.print_capabilities {
-        println!("{}", capabilities());
+        println!("{}", capabilities(&limits(&args)));
         return ExitCode::SUCCESS;
     }
     env_logger::Builder::new()
@@ -72,20 +93,50 @@ fn main() -> ExitCode {
 }
 
 /// The capabilities document: type and the protocol features this build offers.
-fn capabilities() -> String {
+fn capabilities(limits: &ModelLimits) -> String {
     let features: Vec<String> = OFFERED_FEATURES
         .iter_names()
         .map(|(name, _)| format!("\"{}\"", name.to_lowercase().replace('_', "-")))
         .collect();
     format!(
-        "{{\"type\": \"viommu-smmuv3\", \"features\": [{}]}}",
-        features.join(", ")
+        "{{\"type\": \"viommu-smmuv3\", \"features\": [{}], \"model\": {}}}",
+        features.join(", "),
+        limits.capabilities_json()
     )
+}
+
+fn parse_oas(value: &str) -> Result<u8, String> {
+    match value.parse::<u8>() {
+        Ok(bits @ (32 | 36 | 40 | 42 | 44 | 48)) => Ok(bits),
+        _ => Err(format!(
+            "'{value}' is not an output address size this model implements (32, 36, 40, 42, 44 or 48)"
+        )),
+    }
+}
+
+fn parse_feature(value: &str) -> Result<ModelFeature, String> {
+    ModelFeature::from_name(value).ok_or_else(|| {
+        format!("'{value}' is not a model feature (stage1, stage2, ril, ats or msi)")
+    })
+}
+
+fn limits(args: &Args) -> ModelLimits {
+    let mut limits = ModelLimits {
+        max_oas_bits: args.max_oas_bits,
+        max_ssid_bits: args.max_ssid_bits,
+        max_sid_bits: args.max_sid_bits,
+        ..ModelLimits::default()
+    };
+    for &feature in &args.disable_feature {
+        limits.disable(feature);
+    }
+    limits
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
+        limits: limits(args),
     };
     match (&args.socket_path, args.fd) {
         (Some(path), None) => {

@@ -24,6 +24,7 @@ use viommu_protocol::{
 };
 
 use crate::handed_out::{self, HandedOut};
+use crate::limits::ModelLimits;
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
 use crate::smmuv3::snapshot::SmmuSnapshot;
 use crate::smmuv3::stream::StreamConfig;
@@ -134,6 +135,7 @@ pub struct Session {
     channel: Option<BackendChannel>,
     devices: BTreeMap<u32, Device>,
     handed_out: HandedOut,
+    limits: ModelLimits,
     counters: SessionCounters,
 }
 
@@ -152,8 +154,13 @@ fn refuse(status: Status, message: impl Into<String>) -> ErrorReply {
 }
 
 impl Session {
-    /// A session on a connected stream.
+    /// A session on a connected stream, with the default model limits.
     pub fn new(stream: UnixStream) -> Self {
+        Self::with_limits(stream, ModelLimits::default())
+    }
+
+    /// A session on a connected stream that configures models within `limits`.
+    pub fn with_limits(stream: UnixStream, limits: ModelLimits) -> Self {
         // A peer that stops in the middle of a message must not hang the backend.
         if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
             warn!("cannot set a read timeout on the connection: {e}");
@@ -168,6 +175,7 @@ impl Session {
             channel: None,
             devices: BTreeMap::new(),
             handed_out: HandedOut::default(),
+            limits,
             counters: SessionCounters::default(),
         }
     }
@@ -433,6 +441,9 @@ impl Session {
                 "the MSI flag needs feature MSI",
             ));
         }
+        self.limits
+            .check(cfg)
+            .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
         let features = smmuv3::Features::from_config(cfg);
         info!("vSMMU configured: {features:?}");
         self.smmu = Some(Smmu::new(features));

@@ -32,12 +32,33 @@ fn print_capabilities_prints_json_and_exits_zero() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        text.starts_with("{\"type\": \"viommu-smmuv3\", \"features\": ["),
-        "{text}"
+    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["type"], "viommu-smmuv3");
+    let features = caps["features"].as_array().unwrap();
+    assert!(features.contains(&"translate".into()), "{caps}");
+    assert_eq!(caps["model"]["max-oas-bits"], 48);
+    assert_eq!(caps["model"]["features"].as_array().unwrap().len(), 5);
+
+    // The model options show in the capabilities.
+    let out = Command::new(BIN)
+        .args([
+            "--print-capabilities",
+            "--max-oas-bits",
+            "44",
+            "--disable-feature",
+            "stage2",
+            "--disable-feature",
+            "ats",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(caps["model"]["max-oas-bits"], 44);
+    assert_eq!(
+        caps["model"]["features"],
+        serde_json::json!(["stage1", "ril", "msi"])
     );
-    assert!(text.trim_end().ends_with("]}"), "{text}");
 }
 
 #[test]

@@ -581,3 +581,56 @@ fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
     assert!(d.port.take_error().is_none());
     qemu.close().unwrap();
 }
+
+#[test]
+fn model_options_bound_what_a_frontend_may_configure() {
+    let dir = std::env::temp_dir().join(format!("viommu-session-{}-limits", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vsmmu.sock");
+    let process = BackendProcess::spawn_with(
+        &backend_binary_built().unwrap(),
+        &socket,
+        &[
+            "--log-level",
+            "error",
+            "--max-oas-bits",
+            "40",
+            "--disable-feature",
+            "stage2,ats",
+        ],
+    )
+    .unwrap();
+    let mut qemu = MockQemu::connect(&socket, Duration::from_secs(10)).unwrap();
+    qemu.negotiate().unwrap();
+    let refused = |cfg: viommu_protocol::ModelConfig| match qemu
+        .frontend()
+        .call(&FrontendRequest::SetConfig(cfg))
+    {
+        Err(Error::Remote {
+            status: Status::INVALID_ARGUMENT,
+            message,
+            ..
+        }) => message,
+        other => panic!("{other:?}"),
+    };
+    let wide = refused(default_config());
+    assert!(wide.contains("--max-oas-bits"), "{wide}");
+    let s2 = refused(viommu_protocol::ModelConfig {
+        oas_bits: 40,
+        flags: default_config().flags | viommu_protocol::ConfigFlags::STAGE2,
+        ..default_config()
+    });
+    assert!(s2.contains("--disable-feature stage2"), "{s2}");
+    // Within the limits: accepted, and the guest sees a 40-bit OAS (IDR5.OAS = 2).
+    qemu.frontend()
+        .call(&FrontendRequest::SetConfig(viommu_protocol::ModelConfig {
+            oas_bits: 40,
+            ..default_config()
+        }))
+        .unwrap();
+    let idr5 = qemu.id_regs().unwrap().idr[5];
+    assert_eq!(idr5 & 7, 2, "IDR5 {idr5:#x}");
+    qemu.close().unwrap();
+    drop(process);
+    let _ = std::fs::remove_dir_all(&dir);
+}
