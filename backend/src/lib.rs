@@ -7,10 +7,12 @@
 //!   cost no round trip;
 //! - [`daemon`]: the event loop that serves frontends one after another;
 //! - [`inherited`]: adopting a socket passed with `--fd`;
-//! - [`limits`]: what the operator lets a frontend configure.
+//! - [`limits`]: what the operator lets a frontend configure;
+//! - [`host`]: the host IOMMU (Linux iommufd) of passthrough mode, behind a trait.
 
 pub mod daemon;
 pub mod handed_out;
+pub mod host;
 pub mod inherited;
 pub mod limits;
 pub mod memory;
