@@ -1,7 +1,7 @@
 //! The event loop: serve frontends one after another until SIGTERM or SIGINT.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::pipe::{PipeFlags, pipe_with};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::limits::ModelLimits;
-use crate::session::{Session, SessionError};
+use crate::session::{Session, SessionError, SessionOptions};
 
 /// Errors of the event loop itself (a session's errors end only that session).
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +45,14 @@ impl Shutdown {
         Ok(Self { read })
     }
 
+    /// A shutdown that no signal triggers: writing a byte to the returned fd does (for a
+    /// daemon loop embedded in a test or another program).
+    pub fn manual() -> Result<(Self, OwnedFd), DaemonError> {
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .map_err(|e| DaemonError::Signals(e.into()))?;
+        Ok((Self { read }, write))
+    }
+
     /// The fd to poll.
     pub fn fd(&self) -> &OwnedFd {
         &self.read
@@ -53,7 +60,7 @@ impl Shutdown {
 }
 
 /// How the event loop serves a frontend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// After each message, keep polling the connection this long before sleeping in epoll
     /// (zero: never). A guest's register accesses come in bursts a few microseconds apart, and
@@ -61,8 +68,8 @@ pub struct Options {
     /// `halt_poll_ns` and QEMU's `poll-max-ns`, a short poll window trades a little CPU during a
     /// burst for round trips that skip the wake-up.
     pub busy_poll: Duration,
-    /// What frontends may configure.
-    pub limits: ModelLimits,
+    /// What each session is allowed and how it reaches the host IOMMU.
+    pub session: SessionOptions,
 }
 
 /// The default busy-poll window.
@@ -72,7 +79,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             busy_poll: DEFAULT_BUSY_POLL,
-            limits: ModelLimits::default(),
+            session: SessionOptions::default(),
         }
     }
 }
@@ -117,6 +124,36 @@ const TOKEN_MAIN: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
+const TOKEN_HOST_EVENTS: u64 = 4;
+
+/// Watches the session's vEVENTQ fds, which come and go with the guest's event queue. A
+/// closed fd leaves the epoll set by itself; a number reused for a new queue is added again.
+fn sync_host_queues(
+    epoll: &Epoll,
+    session: &Session,
+    watched: &mut Vec<(u32, RawFd)>,
+) -> Result<(), DaemonError> {
+    let now = session.event_fds();
+    if now == *watched {
+        return Ok(());
+    }
+    for &(_, fd) in watched.iter() {
+        // Already gone when its queue was closed: ENOENT or EBADF is expected.
+        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+    for &(_, fd) in &now {
+        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_HOST_EVENTS),
+            )
+            .map_err(DaemonError::Epoll)?;
+    }
+    *watched = now;
+    Ok(())
+}
 
 fn watch(epoll: &Epoll, fd: &impl AsRawFd, token: u64) -> Result<(), DaemonError> {
     epoll
@@ -136,16 +173,18 @@ pub fn serve_connection(
     options: &Options,
 ) -> Result<Served, DaemonError> {
     let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
-    let mut session = Session::with_limits(stream, options.limits);
+    let mut session = Session::with_options(stream, options.session.clone());
     watch(&epoll, session.connection(), TOKEN_MAIN)?;
     watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
     let mut channel_watched = false;
-    let mut events = [EpollEvent::default(); 4];
+    let mut host_queues: Vec<(u32, RawFd)> = Vec::new();
+    let mut events = [EpollEvent::default(); 8];
     loop {
         if !channel_watched && let Some(channel) = session.channel() {
             watch(&epoll, channel, TOKEN_CHANNEL)?;
             channel_watched = true;
         }
+        sync_host_queues(&epoll, &session, &mut host_queues)?;
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -156,6 +195,13 @@ pub fn serve_connection(
                 TOKEN_SIGNAL => {
                     info!("shutting down");
                     return Ok(Served::Shutdown);
+                }
+                TOKEN_HOST_EVENTS => {
+                    if let Err(err) = session.handle_host_events() {
+                        error!("session ended: {}", crate::error_chain(&err));
+                        log_end(&session);
+                        return Ok(Served::Ended);
+                    }
                 }
                 TOKEN_CHANNEL => {
                     // The frontend sends nothing unasked on the backend channel: this is a

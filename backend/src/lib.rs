@@ -8,6 +8,7 @@
 //! - [`daemon`]: the event loop that serves frontends one after another;
 //! - [`inherited`]: adopting a socket passed with `--fd`;
 //! - [`limits`]: what the operator lets a frontend configure;
+//! - [`passthrough`]: VFIO devices' iommufd objects, kept in step with the guest's STEs;
 //! - [`host`]: the host IOMMU (Linux iommufd) of passthrough mode, behind a trait.
 
 pub mod daemon;
@@ -16,6 +17,7 @@ pub mod host;
 pub mod inherited;
 pub mod limits;
 pub mod memory;
+pub mod passthrough;
 pub mod session;
 pub mod smmuv3;
 

@@ -136,7 +136,10 @@ fn limits(args: &Args) -> ModelLimits {
 fn run(args: &Args) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
-        limits: limits(args),
+        session: viommu_backend::session::SessionOptions {
+            limits: limits(args),
+            ..Default::default()
+        },
     };
     match (&args.socket_path, args.fd) {
         (Some(path), None) => {

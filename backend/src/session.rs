@@ -24,16 +24,19 @@ use viommu_protocol::{
 };
 
 use crate::handed_out::{self, HandedOut};
+use crate::host::{HostDevice, HostError, HostIommu, RawCmd, VEvent};
 use crate::limits::ModelLimits;
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
+use crate::passthrough::{self, Applied, Passthrough};
 use crate::smmuv3::snapshot::SmmuSnapshot;
 use crate::smmuv3::stream::StreamConfig;
 use crate::smmuv3::walk::AccessKind;
 use crate::smmuv3::{self, CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
 
-/// Features this backend offers. PASSTHROUGH comes with the iommufd host layer.
+/// Features this backend offers.
 pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::MEM_SLOTS)
+    .union(Features::PASSTHROUGH)
     .union(Features::TRANSLATE)
     .union(Features::STATE)
     .union(Features::MSI);
@@ -41,6 +44,43 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
 /// How long a peer may take to finish a message it started, or to answer on the backend
 /// channel, before the session gives up on it.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes the host IOMMU from the iommufd the frontend handed over (SET_IOMMUFD).
+pub type HostFactory =
+    std::sync::Arc<dyn Fn(OwnedFd) -> Result<Box<dyn HostIommu>, HostError> + Send + Sync>;
+
+/// The real host: Linux iommufd.
+pub fn iommufd_host() -> HostFactory {
+    std::sync::Arc::new(|fd| {
+        crate::host::iommufd::Iommufd::new(fd).map(|h| Box::new(h) as Box<dyn HostIommu>)
+    })
+}
+
+/// How a session is set up by the daemon.
+#[derive(Clone)]
+pub struct SessionOptions {
+    /// What frontends may configure.
+    pub limits: ModelLimits,
+    /// How SET_IOMMUFD makes the host IOMMU.
+    pub host: HostFactory,
+}
+
+impl std::fmt::Debug for SessionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionOptions")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            limits: ModelLimits::default(),
+            host: iommufd_host(),
+        }
+    }
+}
 
 /// Errors that end a session.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +130,9 @@ impl std::fmt::Display for Phase {
 struct Device {
     /// Its stream ID as last known.
     sid: u32,
+    /// A VFIO device with nested translation (otherwise emulated).
+    #[serde(skip)]
+    passthrough: bool,
     /// The address space the frontend was last told.
     #[serde(skip, default = "translated")]
     space: AddressSpace,
@@ -135,7 +178,12 @@ pub struct Session {
     channel: Option<BackendChannel>,
     devices: BTreeMap<u32, Device>,
     handed_out: HandedOut,
-    limits: ModelLimits,
+    options: SessionOptions,
+    passthrough: Option<Passthrough>,
+    /// SET_CONFIG asked for IDR_AUTO and no device has fixed the registers yet.
+    idr_auto_pending: bool,
+    /// A host invalidation failed since the last CMD_SYNC barrier.
+    host_invalidate_failed: bool,
     counters: SessionCounters,
 }
 
@@ -154,13 +202,13 @@ fn refuse(status: Status, message: impl Into<String>) -> ErrorReply {
 }
 
 impl Session {
-    /// A session on a connected stream, with the default model limits.
+    /// A session on a connected stream, with the default options.
     pub fn new(stream: UnixStream) -> Self {
-        Self::with_limits(stream, ModelLimits::default())
+        Self::with_options(stream, SessionOptions::default())
     }
 
-    /// A session on a connected stream that configures models within `limits`.
-    pub fn with_limits(stream: UnixStream, limits: ModelLimits) -> Self {
+    /// A session on a connected stream.
+    pub fn with_options(stream: UnixStream, options: SessionOptions) -> Self {
         // A peer that stops in the middle of a message must not hang the backend.
         if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
             warn!("cannot set a read timeout on the connection: {e}");
@@ -175,7 +223,10 @@ impl Session {
             channel: None,
             devices: BTreeMap::new(),
             handed_out: HandedOut::default(),
-            limits,
+            options,
+            passthrough: None,
+            idr_auto_pending: false,
+            host_invalidate_failed: false,
             counters: SessionCounters::default(),
         }
     }
@@ -369,12 +420,18 @@ impl Session {
                 self.mmio_write(access, value)?;
                 Ok(FrontendReply::Ack)
             }
-            FrontendRequest::SetIommufd(_) => {
+            FrontendRequest::SetIommufd(fd) => {
                 self.require(Phase::Negotiated, name)?;
-                Err(refuse(
-                    Status::NOT_NEGOTIATED,
-                    "SET_IOMMUFD needs feature PASSTHROUGH",
-                ))
+                self.require_feature(Features::PASSTHROUGH, name)?;
+                if self.passthrough.is_some() {
+                    return Err(refuse(Status::BAD_STATE, "SET_IOMMUFD is accepted once"));
+                }
+                let host = (self.options.host)(fd).map_err(|e| {
+                    refuse(Status::HOST_ERROR, format!("not a usable iommufd: {e}"))
+                })?;
+                self.passthrough = Some(Passthrough::new(host));
+                info!("iommufd received");
+                Ok(FrontendReply::Ack)
             }
             FrontendRequest::AttachDevice(dev) => self.attach(dev),
             FrontendRequest::DetachDevice { handle } => {
@@ -382,6 +439,13 @@ impl Session {
                 match self.devices.remove(&handle) {
                     Some(dev) => {
                         self.handed_out.invalidate_device(handle);
+                        if dev.passthrough
+                            && let Some(p) = self.passthrough.as_mut()
+                        {
+                            p.detach(handle).map_err(|e| {
+                                refuse(Status::HOST_ERROR, format!("detaching: {e}"))
+                            })?;
+                        }
                         info!("device {handle} (SID {:#x}) detached", dev.sid);
                         Ok(FrontendReply::Ack)
                     }
@@ -430,10 +494,8 @@ impl Session {
             ));
         }
         if cfg.flags.contains(ConfigFlags::IDR_AUTO) {
-            return Err(refuse(
-                Status::NOT_NEGOTIATED,
-                "IDR_AUTO needs feature PASSTHROUGH",
-            ));
+            self.require_feature(Features::PASSTHROUGH, "IDR_AUTO")?;
+            self.idr_auto_pending = true;
         }
         if cfg.flags.contains(ConfigFlags::MSI) && !self.features.contains(Features::MSI) {
             return Err(refuse(
@@ -441,7 +503,8 @@ impl Session {
                 "the MSI flag needs feature MSI",
             ));
         }
-        self.limits
+        self.options
+            .limits
             .check(cfg)
             .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
         let features = smmuv3::Features::from_config(cfg);
@@ -453,23 +516,21 @@ impl Session {
 
     fn attach(&mut self, dev: AttachDevice) -> Result<FrontendReply, ErrorReply> {
         self.require(Phase::Configured, "ATTACH_DEVICE")?;
-        if dev.passthrough.is_some() {
-            return Err(refuse(
-                Status::NOT_NEGOTIATED,
-                "passthrough devices need feature PASSTHROUGH",
-            ));
-        }
-        self.require_feature(Features::TRANSLATE, "an emulated device")?;
         if self.devices.contains_key(&dev.handle) {
             return Err(refuse(
                 Status::EXISTS,
                 format!("handle {} is attached", dev.handle),
             ));
         }
+        if dev.passthrough.is_some() {
+            return self.attach_passthrough(dev);
+        }
+        self.require_feature(Features::TRANSLATE, "an emulated device")?;
         self.devices.insert(
             dev.handle,
             Device {
                 sid: dev.sid,
+                passthrough: false,
                 space: AddressSpace::Translated,
             },
         );
@@ -483,6 +544,129 @@ impl Session {
             &mut Vec::new(),
         )?;
         Ok(FrontendReply::Ack)
+    }
+
+    fn attach_passthrough(&mut self, dev: AttachDevice) -> Result<FrontendReply, ErrorReply> {
+        self.require_feature(Features::PASSTHROUGH, "a passthrough device")?;
+        let Some(pt) = dev.passthrough else {
+            return Err(refuse(Status::INTERNAL, "not a passthrough device"));
+        };
+        let Some(p) = self.passthrough.as_mut() else {
+            return Err(refuse(
+                Status::BAD_STATE,
+                "a passthrough device before SET_IOMMUFD",
+            ));
+        };
+        let host = |e: HostError| refuse(Status::HOST_ERROR, format!("device {}: {e}", dev.handle));
+        let hw = p.hw_info(pt.ids.devid).map_err(host)?;
+        let Some(smmu) = self.smmu.as_ref() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        if self.idr_auto_pending && self.phase == Phase::Configured {
+            // The first device fixes the ID registers before the guest can read them.
+            let features = passthrough::auto_features(&hw, smmu.features());
+            info!(
+                "ID registers derived from device {}'s host SMMU: {features:?}",
+                dev.handle
+            );
+            self.smmu = Some(Smmu::new(features));
+            self.idr_auto_pending = false;
+        }
+        let Some(smmu) = self.smmu.as_ref() else {
+            return Err(refuse(Status::BAD_STATE, "no vSMMU"));
+        };
+        passthrough::check_fit(&hw, smmu.features()).map_err(|reason| {
+            refuse(
+                Status::INCOMPATIBLE,
+                format!(
+                    "device {} (iommufd device {}): {reason}",
+                    dev.handle, pt.ids.devid
+                ),
+            )
+        })?;
+        let target = passthrough::target_for(&smmu.stream_state(&self.ram, dev.sid));
+        let applied = p
+            .attach(
+                dev.handle,
+                dev.sid,
+                HostDevice {
+                    dev_id: pt.ids.devid,
+                    cdev: pt.cdev,
+                },
+                pt.ids.s2_hwpt_id,
+                target,
+            )
+            .map_err(|e| refuse(Status::HOST_ERROR, format!("device {}: {e}", dev.handle)))?;
+        if let (Applied::Refused(_), Some(smmu)) = (&applied, self.smmu.as_mut()) {
+            smmu.record_bad_ste(&self.ram, dev.sid);
+        }
+        self.devices.insert(
+            dev.handle,
+            Device {
+                sid: dev.sid,
+                passthrough: true,
+                space: AddressSpace::Translated,
+            },
+        );
+        self.follow_eventq();
+        self.update_spaces(
+            SidRange {
+                first: dev.sid,
+                last: dev.sid,
+            },
+            &mut Vec::new(),
+        )?;
+        self.run_effects()?;
+        Ok(FrontendReply::Ack)
+    }
+
+    /// Keeps the host's vEVENTQs the size of the guest's event queue.
+    fn follow_eventq(&mut self) {
+        let log2 = self.smmu.as_ref().and_then(Smmu::eventq_log2size);
+        if let Some(p) = self.passthrough.as_mut()
+            && let Err(e) = p.follow_eventq(log2)
+        {
+            warn!("vEVENTQ: {e}");
+        }
+    }
+
+    /// The host's event queues to poll: their object IDs (which tell a new queue from an old
+    /// one that had the same fd number) and fds.
+    pub fn event_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.passthrough
+            .as_ref()
+            .map(|p| {
+                p.veventq_fds()
+                    .iter()
+                    .map(|(id, fd)| (*id, fd.as_raw_fd()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Moves what the host SMMU reported into the guest's event queue.
+    pub fn handle_host_events(&mut self) -> Result<(), SessionError> {
+        let Some(p) = self.passthrough.as_mut() else {
+            return Ok(());
+        };
+        let mut events = Vec::new();
+        if let Err(e) = p.drain_events(&mut events) {
+            warn!("reading the vEVENTQ: {e}");
+        }
+        if let Some(smmu) = self.smmu.as_mut() {
+            for event in events {
+                match event {
+                    VEvent::Event { record, .. } => smmu.record_host_event(&self.ram, record),
+                    VEvent::Lost { .. } => smmu.record_host_events_lost(),
+                }
+            }
+        }
+        self.run_effects().map_err(|e| SessionError::PostedFailure {
+            request: "vEVENTQ",
+            status: e.status,
+            message: e.message,
+        })
     }
 
     fn mmio_write(&mut self, access: MmioAccess, value: u64) -> Result<(), ErrorReply> {
@@ -500,7 +684,17 @@ impl Session {
             // Effects before a CMD_SYNC are carried out (and acknowledged on the backend
             // channel) before the sync completes.
             self.run_effects()?;
+            if std::mem::take(&mut self.host_invalidate_failed)
+                && status == CmdqStatus::SyncBarrier
+                && let Some(smmu) = self.smmu.as_mut()
+            {
+                smmu.fail_sync(&self.ram);
+                self.run_effects()?;
+            }
             if status == CmdqStatus::Idle {
+                if self.passthrough.is_some() {
+                    self.follow_eventq();
+                }
                 return Ok(());
             }
         }
@@ -563,6 +757,7 @@ impl Session {
         };
         let mut outgoing = Vec::new();
         let mut stale = Vec::new();
+        let mut host_cmds: Vec<RawCmd> = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Irq(line) => self.pulse(line),
@@ -573,9 +768,16 @@ impl Session {
                     self.update_spaces(range, &mut outgoing)?;
                 }
                 Effect::TranslationsInvalidated { start, last } => stale.push((start, last)),
-                // Host invalidations concern passthrough devices, which need PASSTHROUGH.
-                Effect::HostInvalidate(_) => {}
+                Effect::HostInvalidate(cmd) => host_cmds.push([cmd.d0, cmd.d1]),
             }
+        }
+        // Every invalidation before the CMD_SYNC reaches the host in one call per vIOMMU.
+        if !host_cmds.is_empty()
+            && let Some(p) = self.passthrough.as_mut()
+            && let Err(e) = p.invalidate(&host_cmds)
+        {
+            warn!("host invalidation failed: {e}");
+            self.host_invalidate_failed = true;
         }
         // One message per run of adjacent ranges, and none for what the frontend cannot
         // have cached.
@@ -604,12 +806,23 @@ impl Session {
             return Ok(());
         };
         let mut matched = false;
+        let mut refused = Vec::new();
         for (&handle, dev) in self.devices.iter_mut() {
             if !(range.first..=range.last).contains(&dev.sid) {
                 continue;
             }
             matched = true;
-            let space = address_space(smmu.stream_state(&self.ram, dev.sid));
+            let state = smmu.stream_state(&self.ram, dev.sid);
+            if dev.passthrough
+                && let Some(p) = self.passthrough.as_mut()
+            {
+                match p.apply(handle, passthrough::target_for(&state)) {
+                    Ok(Applied::Done) => {}
+                    Ok(Applied::Refused(_)) => refused.push(dev.sid),
+                    Err(e) => warn!("device {handle}: {e}"),
+                }
+            }
+            let space = address_space(state);
             if space != dev.space {
                 dev.space = space;
                 debug!("device {handle}: address space {space:?}");
@@ -624,6 +837,11 @@ impl Session {
                 }));
             }
         }
+        if let Some(smmu) = self.smmu.as_mut() {
+            for sid in refused {
+                smmu.record_bad_ste(&self.ram, sid);
+            }
+        }
         // A single stream the backend knows no device for: ask the frontend who is there now
         // (the guest may have renumbered its buses).
         if !matched && range.first == range.last && self.channel.is_some() {
@@ -634,6 +852,12 @@ impl Session {
             {
                 info!("device {handle} is now at SID {sid:#x}");
                 dev.sid = sid;
+                if dev.passthrough
+                    && let Some(p) = self.passthrough.as_mut()
+                    && let Err(e) = p.set_vsid(handle, sid)
+                {
+                    warn!("device {handle}: new vSID {sid:#x}: {e}");
+                }
                 return self.update_spaces(range, out);
             }
         }

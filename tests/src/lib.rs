@@ -32,8 +32,9 @@ use crate::channel::{CachedTranslation, ChannelServer, ChannelState};
 use crate::port::SocketPort;
 use crate::ram::MemfdRam;
 
-/// Features the mock frontend knows how to use (PASSTHROUGH needs a real iommufd).
-pub const FRONTEND_FEATURES: Features = Features::BACKEND_CHANNEL
+/// Features the mock frontend knows how to use.
+pub const FRONTEND_FEATURES: Features = Features::PASSTHROUGH
+    .union(Features::BACKEND_CHANNEL)
     .union(Features::MEM_SLOTS)
     .union(Features::TRANSLATE)
     .union(Features::STATE)
@@ -218,6 +219,38 @@ impl MockQemu {
                 passthrough: None,
             }))
             .with_context(|| format!("ATTACH_DEVICE {handle}"))?;
+        Ok(())
+    }
+
+    /// SET_IOMMUFD: the frontend's iommufd (any fd, for a backend with a host double).
+    pub fn set_iommufd(&self, fd: OwnedFd) -> anyhow::Result<()> {
+        self.main
+            .call(&FrontendRequest::SetIommufd(fd))
+            .context("SET_IOMMUFD")?;
+        Ok(())
+    }
+
+    /// ATTACH_DEVICE of a VFIO device bound to the iommufd as `devid`, attached by the
+    /// frontend to the stage-2 parent `s2_hwpt_id`, with (a duplicate of) its cdev.
+    pub fn attach_passthrough(
+        &mut self,
+        handle: u32,
+        sid: u32,
+        devid: u32,
+        s2_hwpt_id: u32,
+        cdev: OwnedFd,
+    ) -> anyhow::Result<()> {
+        self.set_sid(handle, sid);
+        self.main
+            .call(&FrontendRequest::AttachDevice(AttachDevice {
+                handle,
+                sid,
+                passthrough: Some(viommu_protocol::Passthrough {
+                    ids: viommu_protocol::PassthroughIds { devid, s2_hwpt_id },
+                    cdev,
+                }),
+            }))
+            .with_context(|| format!("ATTACH_DEVICE {handle} (passthrough)"))?;
         Ok(())
     }
 

@@ -10,6 +10,8 @@
 //! Object IDs are the kernel's: one namespace per iommufd file, shared with QEMU, which holds
 //! the same file.
 
+pub mod double;
+pub mod iommufd;
 pub mod rules;
 
 use std::os::fd::{BorrowedFd, OwnedFd};

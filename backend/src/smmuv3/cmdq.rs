@@ -156,7 +156,7 @@ impl Smmu {
     }
 
     /// Stops the queue on the command at CONS: CMDQ_CONS.ERR and GERROR.CMDQ_ERR.
-    fn command_error<M: GuestMemory>(&mut self, mem: &M, error: u32) {
+    pub(super) fn command_error<M: GuestMemory>(&mut self, mem: &M, error: u32) {
         self.counters.command_errors = self.counters.command_errors.saturating_add(1);
         let field = queue_reg::ERR_MASK << queue_reg::ERR_SHIFT;
         self.regs.cmdq.cons = (self.regs.cmdq.cons & !field) | (error << queue_reg::ERR_SHIFT);

@@ -11,6 +11,7 @@
 mod cmdq;
 mod evtq;
 pub mod features;
+mod host_hooks;
 pub mod queue;
 pub mod registers;
 pub mod snapshot;

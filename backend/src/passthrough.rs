@@ -1,0 +1,573 @@
+//! Passthrough devices: the iommufd objects that give a VFIO device nested translation, kept
+//! in step with the guest's view of its stream.
+//!
+//! One vIOMMU per stage-2 parent HWPT (the frontend allocates one per physical SMMU), with an
+//! abort and a bypass nested HWPT made up front; per device a vDEVICE carrying the guest's
+//! StreamID, and a stage-1 nested HWPT for each guest STE that translates. Changes are
+//! make-before-break: the device is attached to the new HWPT before the old one is destroyed.
+//! Teardown reverses creation in the order the kernel requires (linux-iommufd.md 1.2, step 14).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use log::{debug, info, warn};
+
+use crate::host::rules::{self, HostCaps};
+use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
+use crate::smmuv3::stream::StreamConfig;
+use crate::smmuv3::{Features, StreamState};
+
+/// The vSTE of the abort nested HWPT: V = 1, Config = abort.
+pub const ABORT_VSTE: VSte = [1, 0];
+/// The vSTE of the bypass nested HWPT: V = 1, Config = bypass (0b100).
+pub const BYPASS_VSTE: VSte = [1 | (rules::ste_cfg::BYPASS << 1), 0];
+
+/// Largest host command batch: the kernel takes up to 2^19 entries per call.
+pub const MAX_BATCH: usize = 1 << 19;
+
+/// What a passthrough device's DMA should go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Abort every transaction (STE abort, invalid or ILLEGAL, or the vSMMU disabled with
+    /// GBPA.ABORT).
+    Abort,
+    /// Untranslated: only the host's stage 2 applies.
+    Bypass,
+    /// The guest's stage 1 over the host's stage 2: the guest STE words 0 and 1, masked.
+    Translate(VSte),
+}
+
+/// Why a passthrough operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PassthroughError {
+    /// A host ioctl failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The device does not fit the vSMMU.
+    #[error("device {dev_id} does not fit this vSMMU: {reason}")]
+    Incompatible {
+        /// The iommufd device ID.
+        dev_id: u32,
+        /// Why.
+        reason: String,
+    },
+    /// No such device.
+    #[error("no passthrough device with handle {0}")]
+    NotFound(u32),
+}
+
+/// A vIOMMU and what hangs off it.
+#[derive(Debug)]
+struct VIommu {
+    id: ObjectId,
+    s2_hwpt: ObjectId,
+    abort: ObjectId,
+    bypass: ObjectId,
+    caps: HostCaps,
+    veventq: Option<VEventQ>,
+}
+
+#[derive(Debug)]
+struct VEventQ {
+    id: ObjectId,
+    fd: OwnedFd,
+    log2size: u8,
+}
+
+/// A passthrough device.
+#[derive(Debug)]
+struct Device {
+    host: HostDevice,
+    viommu: ObjectId,
+    vsid: u32,
+    vdevice: Option<ObjectId>,
+    /// The stage-1 nested HWPT made for the device's current STE, if it translates.
+    nested: Option<ObjectId>,
+    /// What the device uses now; `None` while it is still on the frontend's stage-2 HWPT.
+    target: Option<Target>,
+}
+
+/// What happened to a device's STE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The device now uses the target.
+    Done,
+    /// The kernel refused the guest's STE; the device aborts.
+    Refused(HostError),
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassthroughCounters {
+    /// IOMMU_HWPT_INVALIDATE calls.
+    pub invalidate_calls: u64,
+    /// Commands forwarded in them.
+    pub commands_forwarded: u64,
+    /// Nested HWPTs allocated for guest STEs.
+    pub stes_installed: u64,
+}
+
+/// The passthrough devices of one session, and the host objects made for them.
+#[derive(Debug)]
+pub struct Passthrough {
+    host: Box<dyn HostIommu>,
+    viommus: Vec<VIommu>,
+    devices: BTreeMap<u32, Device>,
+    counters: PassthroughCounters,
+}
+
+impl Passthrough {
+    /// Serves passthrough devices through `host`.
+    pub fn new(host: Box<dyn HostIommu>) -> Self {
+        Self {
+            host,
+            viommus: Vec::new(),
+            devices: BTreeMap::new(),
+            counters: PassthroughCounters::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> PassthroughCounters {
+        self.counters
+    }
+
+    /// IOMMU_GET_HW_INFO of a device the frontend bound.
+    pub fn hw_info(&mut self, dev_id: u32) -> Result<HwInfo, HostError> {
+        self.host.hw_info(dev_id)
+    }
+
+    /// Whether `handle` is a passthrough device.
+    pub fn contains(&self, handle: u32) -> bool {
+        self.devices.contains_key(&handle)
+    }
+
+    /// The handles and guest StreamIDs of the devices.
+    pub fn streams(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.devices.iter().map(|(&h, d)| (h, d.vsid))
+    }
+
+    /// Takes a device the frontend bound and attached to `s2_hwpt`: finds or makes the vIOMMU
+    /// for that stage-2 parent, makes the device's vDEVICE, and applies `target`. Nothing is
+    /// left behind on failure.
+    pub fn attach(
+        &mut self,
+        handle: u32,
+        vsid: u32,
+        host: HostDevice,
+        s2_hwpt: ObjectId,
+        target: Target,
+    ) -> Result<Applied, PassthroughError> {
+        let dev_id = host.dev_id;
+        let info = self.host.hw_info(dev_id)?;
+        let made_viommu = !self.viommus.iter().any(|v| v.s2_hwpt == s2_hwpt);
+        if made_viommu {
+            self.make_viommu(dev_id, s2_hwpt, &info)?;
+        }
+        let Some(viommu) = self.viommus.iter().find(|v| v.s2_hwpt == s2_hwpt) else {
+            return Err(PassthroughError::Incompatible {
+                dev_id,
+                reason: "no vIOMMU for its stage-2 HWPT".into(),
+            });
+        };
+        let viommu_id = viommu.id;
+        let vdevice = match self.host.alloc_vdevice(viommu_id, dev_id, u64::from(vsid)) {
+            Ok(id) => id,
+            Err(e) => {
+                if made_viommu {
+                    self.drop_viommu(viommu_id);
+                }
+                return Err(e.into());
+            }
+        };
+        info!(
+            "passthrough device {handle}: iommufd device {dev_id}, vSID {vsid:#x}, vIOMMU {viommu_id}"
+        );
+        self.devices.insert(
+            handle,
+            Device {
+                host,
+                viommu: viommu_id,
+                vsid,
+                vdevice: Some(vdevice),
+                nested: None,
+                target: None,
+            },
+        );
+        match self.apply(handle, target) {
+            Ok(applied) => Ok(applied),
+            Err(e) => {
+                let _ = self.detach(handle);
+                Err(e)
+            }
+        }
+    }
+
+    fn make_viommu(
+        &mut self,
+        dev_id: u32,
+        s2_hwpt: ObjectId,
+        info: &HwInfo,
+    ) -> Result<(), PassthroughError> {
+        let id = self.host.alloc_viommu(dev_id, s2_hwpt)?;
+        let abort = match self.host.alloc_nested_hwpt(id, dev_id, ABORT_VSTE) {
+            Ok(hwpt) => hwpt,
+            Err(e) => {
+                let _ = self.host.destroy(id);
+                return Err(e.into());
+            }
+        };
+        let bypass = match self.host.alloc_nested_hwpt(id, dev_id, BYPASS_VSTE) {
+            Ok(hwpt) => hwpt,
+            Err(e) => {
+                let _ = self.host.destroy(abort);
+                let _ = self.host.destroy(id);
+                return Err(e.into());
+            }
+        };
+        info!("vIOMMU {id} on stage-2 HWPT {s2_hwpt} (abort HWPT {abort}, bypass HWPT {bypass})");
+        self.viommus.push(VIommu {
+            id,
+            s2_hwpt,
+            abort,
+            bypass,
+            caps: HostCaps::from_hw_info(info),
+            veventq: None,
+        });
+        Ok(())
+    }
+
+    /// Destroys a vIOMMU with no devices left, and what hangs off it.
+    fn drop_viommu(&mut self, id: ObjectId) {
+        let Some(pos) = self.viommus.iter().position(|v| v.id == id) else {
+            return;
+        };
+        let v = self.viommus.swap_remove(pos);
+        let mut order = Vec::new();
+        if let Some(q) = v.veventq {
+            // The fd holds a reference: close it before destroying the queue.
+            drop(q.fd);
+            order.push(q.id);
+        }
+        order.extend([v.abort, v.bypass, v.id]);
+        for object in order {
+            if let Err(e) = self.host.destroy(object) {
+                warn!("destroying iommufd object {object}: {e}");
+            }
+        }
+        info!("vIOMMU {id} destroyed");
+    }
+
+    /// Moves a device to `target`, make-before-break. A vSTE the kernel refuses leaves the
+    /// device aborting and is reported as [`Applied::Refused`].
+    pub fn apply(&mut self, handle: u32, target: Target) -> Result<Applied, PassthroughError> {
+        let Some(dev) = self.devices.get(&handle) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        if dev.target == Some(target) {
+            return Ok(Applied::Done);
+        }
+        let Some(viommu) = self.viommus.iter().find(|v| v.id == dev.viommu) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        let (abort, bypass, viommu_id) = (viommu.abort, viommu.bypass, viommu.id);
+        let dev_id = dev.host.dev_id;
+        let old_nested = dev.nested;
+        let (hwpt, nested, result) = match target {
+            Target::Abort => (abort, None, Applied::Done),
+            Target::Bypass => (bypass, None, Applied::Done),
+            Target::Translate(vste) => match self.host.alloc_nested_hwpt(viommu_id, dev_id, vste) {
+                Ok(id) => {
+                    self.counters.stes_installed = self.counters.stes_installed.saturating_add(1);
+                    (id, Some(id), Applied::Done)
+                }
+                Err(e) => {
+                    warn!("device {handle}: the kernel refused the guest STE {vste:x?}: {e}");
+                    (abort, None, Applied::Refused(e))
+                }
+            },
+        };
+        let Some(dev) = self.devices.get_mut(&handle) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        if let Err(e) = self.host.attach(&dev.host, hwpt) {
+            if let Some(id) = nested {
+                let _ = self.host.destroy(id);
+            }
+            return Err(e.into());
+        }
+        dev.nested = nested;
+        dev.target = Some(match result {
+            Applied::Done => target,
+            Applied::Refused(_) => Target::Abort,
+        });
+        debug!(
+            "device {handle}: attached to HWPT {hwpt} ({:?})",
+            dev.target
+        );
+        if let Some(old) = old_nested
+            && let Err(e) = self.host.destroy(old)
+        {
+            warn!("destroying nested HWPT {old}: {e}");
+        }
+        Ok(result)
+    }
+
+    /// The guest renumbered the device: its vDEVICE is remade with the new StreamID.
+    pub fn set_vsid(&mut self, handle: u32, vsid: u32) -> Result<(), PassthroughError> {
+        let Some(dev) = self.devices.get_mut(&handle) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        if dev.vsid == vsid {
+            return Ok(());
+        }
+        // A translating nested HWPT needs the vDEVICE: park the device on abort meanwhile.
+        let viommu = dev.viommu;
+        let target = dev.target.unwrap_or(Target::Abort);
+        self.apply(handle, Target::Abort)?;
+        let Some(dev) = self.devices.get_mut(&handle) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        if let Some(old) = dev.vdevice.take() {
+            self.host.destroy(old)?;
+        }
+        dev.vdevice = Some(
+            self.host
+                .alloc_vdevice(viommu, dev.host.dev_id, u64::from(vsid))?,
+        );
+        dev.vsid = vsid;
+        self.apply(handle, target).map(drop)
+    }
+
+    /// Forgets a device: back on its stage-2 HWPT, its nested HWPT and vDEVICE destroyed, its
+    /// cdev duplicate closed, and the vIOMMU destroyed with its last device.
+    pub fn detach(&mut self, handle: u32) -> Result<(), PassthroughError> {
+        let Some(dev) = self.devices.remove(&handle) else {
+            return Err(PassthroughError::NotFound(handle));
+        };
+        let s2 = self
+            .viommus
+            .iter()
+            .find(|v| v.id == dev.viommu)
+            .map(|v| v.s2_hwpt);
+        if let Some(s2) = s2
+            && let Err(e) = self.host.attach(&dev.host, s2)
+        {
+            warn!("device {handle}: re-attaching its stage-2 HWPT {s2}: {e}");
+        }
+        for object in dev.nested.into_iter().chain(dev.vdevice) {
+            if let Err(e) = self.host.destroy(object) {
+                warn!("destroying iommufd object {object}: {e}");
+            }
+        }
+        info!("passthrough device {handle} detached");
+        if !self.devices.values().any(|d| d.viommu == dev.viommu) {
+            self.drop_viommu(dev.viommu);
+        }
+        Ok(())
+    }
+
+    /// Forwards guest invalidation commands, in order, one IOMMU_HWPT_INVALIDATE per vIOMMU
+    /// (split only at the kernel's entry limit). Commands the kernel would refuse, or that
+    /// concern no device of a vIOMMU, are left out with a log line: they cannot affect the
+    /// host's caches for the guest.
+    pub fn invalidate(&mut self, cmds: &[RawCmd]) -> Result<(), HostError> {
+        let Self {
+            host,
+            viommus,
+            devices,
+            counters,
+        } = self;
+        for v in viommus.iter() {
+            let known = |sid: u32| {
+                devices
+                    .values()
+                    .any(|d| d.viommu == v.id && d.vsid == sid && d.vdevice.is_some())
+            };
+            let batch: Vec<RawCmd> = cmds
+                .iter()
+                .filter(|cmd| match rules::validate_cmd(cmd, &v.caps, known) {
+                    Ok(()) => true,
+                    Err(rules::CmdError::UnknownSid(_)) => false,
+                    Err(e) => {
+                        warn!("vIOMMU {}: not forwarding {cmd:x?}: {e}", v.id);
+                        false
+                    }
+                })
+                .copied()
+                .collect();
+            for chunk in batch.chunks(MAX_BATCH) {
+                counters.invalidate_calls = counters.invalidate_calls.saturating_add(1);
+                counters.commands_forwarded = counters
+                    .commands_forwarded
+                    .saturating_add(chunk.len() as u64);
+                if let Err(e) = host.invalidate(v.id, chunk) {
+                    // Invalidations are idempotent: issue the batch once more, since the kernel
+                    // may not have issued the commands before the failure (entry_num).
+                    warn!("vIOMMU {}: {e}; retrying the batch", v.id);
+                    counters.invalidate_calls = counters.invalidate_calls.saturating_add(1);
+                    host.invalidate(v.id, chunk).map_err(|retry| retry.error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes, moves or removes the vEVENTQs to follow the guest's event queue: `log2size` is
+    /// its size while enabled. A queue whose size changed is replaced.
+    pub fn follow_eventq(&mut self, log2size: Option<u8>) -> Result<(), HostError> {
+        let Self { host, viommus, .. } = self;
+        for v in viommus.iter_mut() {
+            let keep = matches!((&v.veventq, log2size), (Some(q), Some(l)) if q.log2size == l);
+            if keep {
+                continue;
+            }
+            if let Some(q) = v.veventq.take() {
+                drop(q.fd);
+                host.destroy(q.id)?;
+            }
+            if let Some(l) = log2size {
+                let depth = 1u32.checked_shl(u32::from(l.min(19))).unwrap_or(1 << 19);
+                let (id, fd) = host.alloc_veventq(v.id, depth)?;
+                info!("vEVENTQ {id} of depth {depth} on vIOMMU {}", v.id);
+                v.veventq = Some(VEventQ {
+                    id,
+                    fd,
+                    log2size: l,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The vEVENTQs' IDs and fds, to poll.
+    pub fn veventq_fds(&self) -> Vec<(ObjectId, BorrowedFd<'_>)> {
+        self.viommus
+            .iter()
+            .filter_map(|v| v.veventq.as_ref().map(|q| (q.id, q.fd.as_fd())))
+            .collect()
+    }
+
+    /// Reads every record waiting on every vEVENTQ.
+    pub fn drain_events(&mut self, out: &mut Vec<VEvent>) -> Result<usize, HostError> {
+        let Self { host, viommus, .. } = self;
+        let mut total = 0usize;
+        for v in viommus.iter() {
+            if let Some(q) = &v.veventq {
+                total = total.saturating_add(host.read_vevents(q.id, q.fd.as_fd(), out)?);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Detaches every device and destroys every object (end of session).
+    pub fn teardown(&mut self) {
+        let handles: Vec<u32> = self.devices.keys().copied().collect();
+        for handle in handles {
+            let _ = self.detach(handle);
+        }
+        let ids: Vec<ObjectId> = self.viommus.iter().map(|v| v.id).collect();
+        for id in ids {
+            self.drop_viommu(id);
+        }
+    }
+}
+
+/// What a passthrough device's DMA should go through while its stream is in `state`. A guest
+/// STE the model finds ILLEGAL, or a stream with no reachable STE, aborts (the host would report
+/// C_BAD_STE or a fetch fault for the device's first transaction; the device stays safe).
+pub fn target_for(state: &StreamState) -> Target {
+    match state {
+        StreamState::GlobalBypass => Target::Bypass,
+        StreamState::GlobalAbort | StreamState::Unreachable(_) => Target::Abort,
+        StreamState::Ste { ste, config } => match config {
+            Ok(StreamConfig::Bypass) => Target::Bypass,
+            Ok(StreamConfig::Translate {
+                s1: Some(_),
+                s2: None,
+                ..
+            }) => Target::Translate(rules::mask_vste([ste.words[0], ste.words[1]])),
+            // Abort, and a guest stage 2 (the host owns stage 2 of a passthrough device).
+            Ok(_) | Err(_) => Target::Abort,
+        },
+    }
+}
+
+/// The vSMMU features for an IDR_AUTO configuration: stage 1 only, with the host's range
+/// invalidation, substream and output address sizes (capped at what the model implements),
+/// and the configuration's StreamID size, queue sizes and MSI (linux-iommufd.md 1.5).
+pub fn auto_features(host: &HwInfo, cfg: &Features) -> Features {
+    let [_, idr1, _, idr3, _, idr5] = host.idr;
+    let host_oas = match idr5 & 7 {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        _ => 48,
+    };
+    Features {
+        s1p: true,
+        s2p: false,
+        ril: idr3 & (1 << 10) != 0,
+        ats: false,
+        ssid_bits: ((idr1 >> 6) & 0x1f).min(20) as u8,
+        oas_bits: host_oas.min(crate::limits::IMPLEMENTED_MAX_OAS_BITS),
+        ..*cfg
+    }
+}
+
+/// Whether a device on a host SMMU with `host` registers can serve a guest that sees the
+/// vSMMU described by `vsmmu` (QEMU's `smmuv3_accel_check_hw_compatible`, linux-iommufd.md
+/// 1.5): nesting, AArch64 tables, 16-bit ASIDs, every advertised granule, and at least the
+/// advertised range invalidation, ATS, substream and output address sizes.
+pub fn check_fit(host: &HwInfo, vsmmu: &Features) -> Result<(), String> {
+    let [idr0, idr1, _, idr3, _, idr5] = host.idr;
+    let has = |reg: u32, bit: u32| reg & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    if !(has(idr0, 0) && has(idr0, 1)) {
+        missing.push("nesting (IDR0.S1P and S2P)".to_owned());
+    }
+    if (idr0 >> 2) & 3 & 2 == 0 {
+        missing.push("AArch64 tables (IDR0.TTF)".to_owned());
+    }
+    if !has(idr0, 12) {
+        missing.push("16-bit ASIDs (IDR0.ASID16)".to_owned());
+    }
+    for (bit, name) in [(4, "4K"), (5, "16K"), (6, "64K")] {
+        if !has(idr5, bit) {
+            missing.push(format!("the {name} granule (IDR5)"));
+        }
+    }
+    if vsmmu.ril && !has(idr3, 10) {
+        missing.push("range invalidation (IDR3.RIL)".to_owned());
+    }
+    if vsmmu.ats && !has(idr0, 10) {
+        missing.push("ATS (IDR0.ATS)".to_owned());
+    }
+    let host_ssid = (idr1 >> 6) & 0x1f;
+    if u32::from(vsmmu.ssid_bits) > host_ssid {
+        missing.push(format!(
+            "{} substream ID bits (host has {host_ssid})",
+            vsmmu.ssid_bits
+        ));
+    }
+    let host_oas = auto_features(host, vsmmu).oas_bits;
+    if vsmmu.oas_bits > host_oas {
+        missing.push(format!(
+            "a {}-bit output address size (host has {host_oas})",
+            vsmmu.oas_bits
+        ));
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("its host SMMU lacks {}", missing.join(", ")))
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}

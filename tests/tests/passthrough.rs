@@ -1,0 +1,525 @@
+//! Passthrough devices: whole sessions through the daemon's event loop, the mock QEMU peer on
+//! the other end of a real socket, and the host double standing in for Linux iommufd (a memfd
+//! stands in for the iommufd and for each VFIO cdev).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use viommu_backend::daemon::{self, Options, Shutdown};
+use viommu_backend::host::double::{HostDouble, NESTING_HW};
+use viommu_backend::host::{
+    HostDevice, HostError, HostIommu, HwInfo, InvalidateError, ObjectId, RawCmd, VEvent, VSte,
+};
+use viommu_backend::passthrough::{ABORT_VSTE, BYPASS_VSTE};
+use viommu_backend::session::SessionOptions;
+use viommu_protocol::{Access, AddressSpace, ConfigFlags, Error, ModelConfig, Status};
+use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
+use viommu_tests::guest::event::id;
+use viommu_tests::guest::pgtable::{Granule, prot};
+use viommu_tests::guest::regs::{ARM_SMMU_CR0, ARM_SMMU_CR0ACK, CR0_SMMUEN, GBPA_ABORT};
+use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
+use viommu_tests::port::SocketPort;
+use viommu_tests::scenario::{ALLOC_START, RAM_SIZE};
+use viommu_tests::{Dma, MockQemu};
+
+/// The double, shared between the test and the daemon's session.
+#[derive(Debug, Clone)]
+struct Shared(Arc<Mutex<HostDouble>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HostDouble> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl HostIommu for Shared {
+    fn hw_info(&mut self, dev_id: u32) -> Result<HwInfo, HostError> {
+        self.lock().hw_info(dev_id)
+    }
+    fn alloc_viommu(&mut self, dev_id: u32, s2: ObjectId) -> Result<ObjectId, HostError> {
+        self.lock().alloc_viommu(dev_id, s2)
+    }
+    fn alloc_vdevice(&mut self, v: ObjectId, dev: u32, vsid: u64) -> Result<ObjectId, HostError> {
+        self.lock().alloc_vdevice(v, dev, vsid)
+    }
+    fn alloc_nested_hwpt(
+        &mut self,
+        v: ObjectId,
+        dev: u32,
+        ste: VSte,
+    ) -> Result<ObjectId, HostError> {
+        self.lock().alloc_nested_hwpt(v, dev, ste)
+    }
+    fn attach(&mut self, dev: &HostDevice, pt: ObjectId) -> Result<(), HostError> {
+        self.lock().attach(dev, pt)
+    }
+    fn invalidate(&mut self, v: ObjectId, cmds: &[RawCmd]) -> Result<(), InvalidateError> {
+        self.lock().invalidate(v, cmds)
+    }
+    fn alloc_veventq(&mut self, v: ObjectId, depth: u32) -> Result<(ObjectId, OwnedFd), HostError> {
+        self.lock().alloc_veventq(v, depth)
+    }
+    fn read_vevents(
+        &mut self,
+        q: ObjectId,
+        fd: BorrowedFd<'_>,
+        out: &mut Vec<VEvent>,
+    ) -> Result<usize, HostError> {
+        self.lock().read_vevents(q, fd, out)
+    }
+    fn destroy(&mut self, id: ObjectId) -> Result<(), HostError> {
+        self.lock().destroy(id)
+    }
+}
+
+/// Devices the "frontend" bound: iommufd device IDs and their physical StreamIDs.
+const DEV_A: u32 = 100;
+const DEV_B: u32 = 101;
+/// The guest's StreamIDs for them.
+const SID_A: u32 = 0x10;
+const SID_B: u32 = 0x18;
+
+struct Rig {
+    qemu: MockQemu,
+    host: Shared,
+    s2: ObjectId,
+    daemon: Option<JoinHandle<()>>,
+    _stop: OwnedFd,
+}
+
+fn auto_config() -> ModelConfig {
+    ModelConfig {
+        flags: ConfigFlags::IDR_AUTO | ConfigFlags::STAGE1 | ConfigFlags::MSI,
+        oas_bits: 0,
+        ssid_bits: 0,
+        sid_bits: 16,
+        cmdq_log2: 19,
+        evtq_log2: 19,
+    }
+}
+
+fn memfd() -> OwnedFd {
+    rustix::fs::memfd_create("stand-in", rustix::fs::MemfdFlags::CLOEXEC).unwrap()
+}
+
+fn rig_with(config: ModelConfig) -> Rig {
+    let mut double = HostDouble::new(NESTING_HW);
+    double.add_device(DEV_A, 0x500, None).unwrap();
+    double.add_device(DEV_B, 0x501, None).unwrap();
+    let s2 = double.alloc_s2_hwpt(0).unwrap();
+    let host = Shared(Arc::new(Mutex::new(double)));
+    let factory_host = host.clone();
+    let options = Options {
+        busy_poll: Duration::ZERO,
+        session: SessionOptions {
+            host: Arc::new(move |_fd| Ok(Box::new(factory_host.clone()) as Box<dyn HostIommu>)),
+            ..SessionOptions::default()
+        },
+    };
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let (shutdown, stop) = Shutdown::manual().unwrap();
+    let daemon = std::thread::spawn(move || {
+        daemon::serve_connection(theirs, &shutdown, &options).unwrap();
+    });
+    let mut qemu = MockQemu::from_stream(ours);
+    qemu.negotiate().unwrap();
+    qemu.start(config, RAM_SIZE).unwrap();
+    qemu.set_iommufd(memfd()).unwrap();
+    Rig {
+        qemu,
+        host,
+        s2,
+        daemon: Some(daemon),
+        _stop: stop,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(auto_config())
+}
+
+impl Rig {
+    fn attach(&mut self, handle: u32, sid: u32, dev: u32) {
+        self.qemu
+            .attach_passthrough(handle, sid, dev, self.s2, memfd())
+            .unwrap();
+    }
+
+    fn guest(&self) -> Driver<SocketPort, vm_memory::GuestMemoryMmap<()>> {
+        Driver::probe(
+            self.qemu.port(),
+            self.qemu.mem().unwrap().clone(),
+            BumpAllocator::new(ALLOC_START, RAM_SIZE),
+            DriverConfig::default(),
+        )
+        .unwrap()
+    }
+
+    /// The vSTE of the HWPT `dev` is attached to.
+    fn vste(&self, dev: u32) -> VSte {
+        let host = self.host.lock();
+        let hwpt = host.attached(dev).expect("attached");
+        host.nested_ste(hwpt).expect("a nested HWPT")
+    }
+
+    /// Closes the connection and waits for the daemon's session to end.
+    fn finish(mut self) -> Shared {
+        self.qemu.close().unwrap();
+        self.daemon.take().unwrap().join().unwrap();
+        self.host.clone()
+    }
+}
+
+/// Waits for the guest's event queue to show events (the daemon reads the vEVENTQ on its own).
+fn wait_events(
+    d: &mut Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>,
+) -> viommu_tests::guest::evtq::EvtqBatch {
+    let start = Instant::now();
+    loop {
+        let batch = d.evtq_thread().unwrap();
+        if !batch.events.is_empty() || batch.overflow {
+            return batch;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no event arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn every_ste_transition_moves_the_device_make_before_break() {
+    let mut rig = rig();
+    // QEMU attaches at machine creation: SMMUEN = 0 with GBPA bypassing.
+    rig.attach(1, SID_A, DEV_A);
+    assert_eq!(rig.vste(DEV_A), BYPASS_VSTE);
+    assert_eq!(
+        rig.qemu.channel_state().spaces.get(&1),
+        Some(&AddressSpace::System)
+    );
+
+    // The guest boots: unused STEs abort (Linux's disable_bypass).
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE);
+
+    // A stage-1 domain: the nested HWPT carries the guest's STE, masked.
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    let guest = d.read_ste(SID_A).unwrap();
+    assert_eq!(
+        rig.vste(DEV_A),
+        viommu_backend::host::rules::mask_vste([guest[0], guest[1]])
+    );
+    assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5, "S1 translate");
+    assert_eq!(
+        rig.qemu.channel_state().spaces.get(&1),
+        Some(&AddressSpace::Translated)
+    );
+    let objects = rig.host.lock().live_objects();
+
+    // Another domain: a new HWPT, the old one destroyed (the count of objects stays).
+    let before = rig.host.lock().attached(DEV_A);
+    let pt = d.new_s1_pgtable(Granule::G64K).unwrap();
+    d.attach_s1(SID_A, pt, 8).unwrap();
+    let after = rig.host.lock().attached(DEV_A);
+    assert_ne!(before, after);
+    assert!(
+        !rig.host.lock().exists(before.unwrap()),
+        "old HWPT destroyed"
+    );
+    assert_eq!(rig.host.lock().live_objects(), objects);
+
+    // Linux's shutdown: GBPA abort, then SMMUEN = 0: the device aborts.
+    d.update_gbpa(GBPA_ABORT, 0).unwrap();
+    d.write_reg_sync(0, ARM_SMMU_CR0, ARM_SMMU_CR0ACK).unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE);
+    // GBPA bypass with SMMUEN = 0: bypass.
+    d.update_gbpa(0, GBPA_ABORT).unwrap();
+    assert_eq!(rig.vste(DEV_A), BYPASS_VSTE);
+    // SMMUEN again: the guest's STE governs.
+    d.write_reg_sync(CR0_SMMUEN, ARM_SMMU_CR0, ARM_SMMU_CR0ACK)
+        .unwrap();
+    assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5);
+    assert!(d.port.take_error().is_none());
+    let host = rig.finish();
+    assert_eq!(
+        host.lock().live_objects(),
+        0,
+        "nothing left after the session"
+    );
+}
+
+#[test]
+fn a_vste_the_kernel_refuses_is_c_bad_ste_and_the_device_aborts() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    d.evtq_thread().unwrap();
+    // EATS = 0b10 (S1CHK): the model has no ATS and ignores it; the kernel refuses it.
+    let mut ste = d.read_ste(SID_A).unwrap();
+    ste[1] |= 2 << 28;
+    let addr = d.ste_addr(SID_A).unwrap();
+    viommu_tests::guest::mem::write_qwords(&d.mem, addr, &ste).unwrap();
+    d.issue_cmd_with_sync(CmdEnt::CfgiSte {
+        sid: SID_A,
+        leaf: true,
+    })
+    .unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE, "the device is safe");
+    let batch = d.evtq_thread().unwrap();
+    assert_eq!(batch.events.len(), 1, "{:x?}", batch.events);
+    assert_eq!(batch.events[0].id(), id::C_BAD_STE);
+    assert_eq!(batch.events[0].sid(), SID_A);
+    rig.finish();
+}
+
+#[test]
+fn invalidations_reach_the_host_in_one_ioctl_per_sync_in_order() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    rig.host.lock().take_executed();
+    let calls = rig.host.lock().invalidate_count();
+
+    // A Linux-like unmap storm: 1000 page unmaps, each a TLBI_NH_VA, a CMD_SYNC per 64.
+    let tlbi = |page: u64| {
+        CmdEnt::TlbiNhVa(Tlbi {
+            asid: 7,
+            addr: 0x4000_0000 + (page << 12),
+            leaf: true,
+            ..Tlbi::default()
+        })
+    };
+    let pages: Vec<u64> = (0..1000).collect();
+    for chunk in pages.chunks(64) {
+        let cmds: Vec<CmdEnt> = chunk.iter().map(|&p| tlbi(p)).collect();
+        d.issue_cmds_with_sync(&cmds).unwrap();
+    }
+    let host = rig.host.lock();
+    assert_eq!(
+        host.invalidate_count() - calls,
+        16,
+        "one ioctl per CMD_SYNC (QEMU: one per command, 1000)"
+    );
+    let executed = host.executed();
+    assert_eq!(executed.len(), 1000);
+    for (i, cmd) in executed.iter().enumerate() {
+        assert_eq!(cmd[0] & 0xff, 0x12, "TLBI_NH_VA");
+        assert_eq!(
+            cmd[1] & !0xfff,
+            0x4000_0000 + ((i as u64) << 12),
+            "in order"
+        );
+    }
+    drop(host);
+    rig.finish();
+}
+
+#[test]
+fn a_host_invalidation_failure_fails_the_sync() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    // One timeout: the backend issues the (idempotent) batch again and the sync completes.
+    rig.host.lock().take_executed();
+    rig.host
+        .lock()
+        .fail_next_invalidate(0, rustix::io::Errno::TIMEDOUT);
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhAsid { vmid: 0, asid: 7 })
+        .unwrap();
+    assert_eq!(rig.host.lock().executed().len(), 1, "issued by the retry");
+    // The host keeps timing out: the CMD_SYNC fails.
+    rig.host
+        .lock()
+        .fail_next_invalidates(2, 0, rustix::io::Errno::TIMEDOUT);
+    let err = d
+        .issue_cmd_with_sync(CmdEnt::TlbiNhAsid { vmid: 0, asid: 7 })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            viommu_tests::guest::DriverError::Command { error: 3, .. }
+        ),
+        "CERROR_ATC_INV_SYNC: {err:?}"
+    );
+    // Linux's GERROR handler acknowledges; the queue runs on.
+    d.handle_gerror().unwrap();
+    d.sync().unwrap();
+    rig.finish();
+}
+
+#[test]
+fn auto_id_registers_come_from_the_first_device_and_a_mismatch_is_refused() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let idr = rig.qemu.id_regs().unwrap().idr;
+    assert_eq!(idr[5] & 7, 5, "OAS 48 bits from the host");
+    assert_eq!((idr[1] >> 6) & 0x1f, 20, "SSIDSIZE from the host");
+    assert_ne!(idr[3] & (1 << 10), 0, "RIL from the host");
+    assert_eq!(idr[0] & 1, 0, "no stage 2 for the guest");
+
+    // A device behind another SMMU without range invalidation does not fit.
+    let objects = rig.host.lock().live_objects();
+    let s2 = {
+        let mut host = rig.host.lock();
+        let mut hw = NESTING_HW;
+        hw.idr[3] = 0;
+        let smmu = host.add_device(102, 0x600, Some(hw)).unwrap();
+        host.alloc_s2_hwpt(smmu).unwrap()
+    };
+    let err = rig
+        .qemu
+        .attach_passthrough(2, 0x20, 102, s2, memfd())
+        .unwrap_err();
+    match err.downcast_ref::<Error>() {
+        Some(Error::Remote {
+            status, message, ..
+        }) => {
+            assert_eq!(*status, Status::INCOMPATIBLE);
+            assert!(message.contains("range invalidation"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        rig.host.lock().live_objects(),
+        objects,
+        "nothing left behind"
+    );
+    rig.finish();
+}
+
+#[test]
+fn host_events_reach_the_guest_queue_with_the_vsid_and_overflow_too() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    d.evtq_thread().unwrap();
+    // F_TRANSLATION from the physical SMMU, with the physical StreamID.
+    let record = [0x10 | (0x500u64 << 32), 0, 0x4000_1000, 0];
+    let injected = rig.host.lock().inject_event(DEV_A, record);
+    assert!(
+        matches!(
+            injected,
+            viommu_backend::host::double::Injection::Queued { .. }
+        ),
+        "{injected:?}"
+    );
+    let batch = wait_events(&mut d);
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].id(), id::F_TRANSLATION);
+    assert_eq!(batch.events[0].sid(), SID_A, "vSID");
+    assert_eq!(batch.events[0].input_addr(), 0x4000_1000);
+
+    // More events than the guest's queue holds: the overflow flag.
+    let entries = 1u32 << d.evtq.llq.shift;
+    for _ in 0..entries + 8 {
+        rig.host.lock().inject_event(DEV_A, record);
+    }
+    let batch = wait_events(&mut d);
+    let mut overflow = batch.overflow;
+    let start = Instant::now();
+    while !overflow && start.elapsed() < Duration::from_secs(5) {
+        overflow = d.evtq_thread().unwrap().overflow;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(overflow, "EVTQ overflow reported");
+    rig.finish();
+}
+
+#[test]
+fn detach_and_disconnect_leave_the_device_on_stage_2_and_nothing_behind() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    rig.attach(2, SID_B, DEV_B);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    rig.qemu.detach(1).unwrap();
+    assert_eq!(rig.host.lock().attached(DEV_A), Some(rig.s2));
+    assert!(
+        rig.host.lock().live_objects() > 0,
+        "device B still uses the vIOMMU"
+    );
+    rig.qemu.detach(2).unwrap();
+    assert_eq!(rig.host.lock().attached(DEV_B), Some(rig.s2));
+    assert_eq!(rig.host.lock().live_objects(), 0);
+
+    // Disconnect with a device attached and translating.
+    rig.attach(1, SID_A, DEV_A);
+    d.issue_cmd_with_sync(CmdEnt::CfgiSte {
+        sid: SID_A,
+        leaf: true,
+    })
+    .unwrap();
+    assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5);
+    let s2 = rig.s2;
+    let host = rig.finish();
+    assert_eq!(host.lock().attached(DEV_A), Some(s2));
+    assert_eq!(host.lock().live_objects(), 0);
+}
+
+#[test]
+fn emulated_and_passthrough_devices_share_the_vsmmu_and_msis_translate() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    rig.qemu.attach(3, 0x28).unwrap();
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    // The passthrough device's domain identity-maps the MSI window (the IORT RMR).
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.map(&pt, 0x800_0000, 0x800_0000, 0x1000, prot::RW | prot::MMIO)
+        .unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    // The emulated device's domain maps a buffer.
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    let buf = d.alloc_zeroed(0x1000, 0x1000).unwrap();
+    d.map(&pt, 0x9000_0000, buf, 0x1000, prot::RW).unwrap();
+    d.attach_s1(0x28, pt, 9).unwrap();
+
+    let spaces = rig.qemu.channel_state().spaces.clone();
+    assert_eq!(spaces.get(&1), Some(&AddressSpace::Translated));
+    assert_eq!(spaces.get(&3), Some(&AddressSpace::Translated));
+    // KVM's MSI route for the passthrough device: its MSI gIOVA translates to the doorbell.
+    assert_eq!(
+        rig.qemu
+            .translate(1, None, 0x800_0040, Access::WRITE)
+            .unwrap(),
+        Dma::Address {
+            gpa: 0x800_0040,
+            cached: false
+        }
+    );
+    // The emulated device's DMA works beside it.
+    assert_eq!(
+        rig.qemu
+            .dma_write(3, None, 0x9000_0010, &[1, 2, 3, 4])
+            .unwrap(),
+        Dma::Address {
+            gpa: buf + 0x10,
+            cached: false
+        }
+    );
+    assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5);
+    rig.finish();
+}
