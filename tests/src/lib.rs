@@ -125,11 +125,16 @@ impl MockQemu {
 
     /// GET_FEATURES then SET_FEATURES with what both sides know. Returns the negotiated set.
     pub fn negotiate(&mut self) -> anyhow::Result<Features> {
+        self.negotiate_within(FRONTEND_FEATURES)
+    }
+
+    /// [`MockQemu::negotiate`], taking only features in `usable` (a frontend without some).
+    pub fn negotiate_within(&mut self, usable: Features) -> anyhow::Result<Features> {
         let offer = match self.main.call(&FrontendRequest::GetFeatures)? {
             FrontendReply::Features(f) => f,
             other => bail!("GET_FEATURES answered with {other:?}"),
         };
-        let wanted = offer & FRONTEND_FEATURES;
+        let wanted = offer & usable;
         self.main.call(&FrontendRequest::SetFeatures(wanted))?;
         self.features = wanted;
         Ok(wanted)

@@ -112,6 +112,10 @@ fn memfd() -> OwnedFd {
 }
 
 fn rig_with(config: ModelConfig) -> Rig {
+    rig_within(config, viommu_tests::FRONTEND_FEATURES)
+}
+
+fn rig_within(config: ModelConfig, features: viommu_protocol::Features) -> Rig {
     let mut double = HostDouble::new(NESTING_HW);
     double.add_device(DEV_A, 0x500, None).unwrap();
     double.add_device(DEV_B, 0x501, None).unwrap();
@@ -131,7 +135,7 @@ fn rig_with(config: ModelConfig) -> Rig {
         daemon::serve_connection(theirs, &shutdown, &options).unwrap();
     });
     let mut qemu = MockQemu::from_stream(ours);
-    qemu.negotiate().unwrap();
+    qemu.negotiate_within(features).unwrap();
     qemu.start(config, RAM_SIZE).unwrap();
     qemu.set_iommufd(memfd()).unwrap();
     Rig {
@@ -225,16 +229,25 @@ fn every_ste_transition_moves_the_device_make_before_break() {
     );
     let objects = rig.host.lock().live_objects();
 
-    // Another domain: a new HWPT, the old one destroyed (the count of objects stays).
-    let before = rig.host.lock().attached(DEV_A);
+    // Another domain: a new HWPT, the old one destroyed (the count of objects stays). Linux
+    // changes the CD in place and the STE not at all; a CFGI_STE then costs the host three
+    // ioctls: the new nested HWPT, the attach (an atomic replace), the old HWPT's destroy.
+    let before = rig.vste(DEV_A);
+    let mut ste = d.read_ste(SID_A).unwrap();
+    ste[0] ^= 1 << 59; // S1CDMax 0 -> 1: a different vSTE
+    let addr = d.ste_addr(SID_A).unwrap();
+    viommu_tests::guest::mem::write_qwords(&d.mem, addr, &ste).unwrap();
+    let ioctls = rig.host.lock().ioctl_count();
+    d.issue_cmd_with_sync(CmdEnt::CfgiSte {
+        sid: SID_A,
+        leaf: true,
+    })
+    .unwrap();
+    assert_eq!(rig.host.lock().ioctl_count() - ioctls, 3, "an STE change");
+    assert_ne!(rig.vste(DEV_A), before);
+    assert_eq!(rig.host.lock().live_objects(), objects, "the old HWPT went");
     let pt = d.new_s1_pgtable(Granule::G64K).unwrap();
     d.attach_s1(SID_A, pt, 8).unwrap();
-    let after = rig.host.lock().attached(DEV_A);
-    assert_ne!(before, after);
-    assert!(
-        !rig.host.lock().exists(before.unwrap()),
-        "old HWPT destroyed"
-    );
     assert_eq!(rig.host.lock().live_objects(), objects);
 
     // Linux's shutdown: GBPA abort, then SMMUEN = 0: the device aborts.
@@ -521,5 +534,36 @@ fn emulated_and_passthrough_devices_share_the_vsmmu_and_msis_translate() {
         }
     );
     assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5);
+    rig.finish();
+}
+
+#[test]
+fn a_frontend_with_a_fixed_doorbell_needs_no_translate() {
+    // QEMU's msi-gpa mode: MSIs go to a fixed doorbell, nothing is translated by the backend.
+    let features = viommu_tests::FRONTEND_FEATURES.difference(viommu_protocol::Features::TRANSLATE);
+    let mut rig = rig_within(auto_config(), features);
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    assert_eq!((rig.vste(DEV_A)[0] >> 1) & 7, 5);
+    let err = rig
+        .qemu
+        .translate(1, None, 0x800_0040, Access::WRITE)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::Remote {
+                status: Status::NOT_NEGOTIATED,
+                ..
+            })
+        ),
+        "{err:#}"
+    );
+    // Emulated devices need TRANSLATE: refused.
+    let err = rig.qemu.attach(3, 0x28).unwrap_err();
+    assert!(format!("{err:#}").contains("TRANSLATE"), "{err:#}");
     rig.finish();
 }
