@@ -194,6 +194,7 @@ pub fn serve_connection(
             match event.data() {
                 TOKEN_SIGNAL => {
                     info!("shutting down");
+                    session.leave_host_objects();
                     return Ok(Served::Shutdown);
                 }
                 TOKEN_HOST_EVENTS => {

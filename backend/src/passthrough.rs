@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
 
 use crate::host::rules::{self, HostCaps};
 use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
@@ -26,7 +27,7 @@ pub const BYPASS_VSTE: VSte = [1 | (rules::ste_cfg::BYPASS << 1), 0];
 pub const MAX_BATCH: usize = 1 << 19;
 
 /// What a passthrough device's DMA should go through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
     /// Abort every transaction (STE abort, invalid or ILLEGAL, or the vSMMU disabled with
     /// GBPA.ABORT).
@@ -64,6 +65,7 @@ struct VIommu {
     abort: ObjectId,
     bypass: ObjectId,
     caps: HostCaps,
+    idr: [u32; 6],
     veventq: Option<VEventQ>,
 }
 
@@ -96,6 +98,53 @@ pub enum Applied {
     Refused(HostError),
 }
 
+/// A vIOMMU's objects, in a saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VIommuState {
+    /// The vIOMMU.
+    pub id: ObjectId,
+    /// Its stage-2 parent.
+    pub s2_hwpt: ObjectId,
+    /// The abort nested HWPT.
+    pub abort: ObjectId,
+    /// The bypass nested HWPT.
+    pub bypass: ObjectId,
+    /// The vEVENTQ (its fd does not survive the backend: a new one is made).
+    pub veventq: Option<ObjectId>,
+    /// The host's ID registers (for command validation).
+    pub idr: [u32; 6],
+}
+
+/// A device's objects, in a saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceState {
+    /// The iommufd device ID.
+    pub dev_id: u32,
+    /// The vIOMMU it belongs to.
+    pub viommu: ObjectId,
+    /// The guest's StreamID.
+    pub vsid: u32,
+    /// Its vDEVICE.
+    pub vdevice: Option<ObjectId>,
+    /// The nested HWPT made for its STE.
+    pub nested: Option<ObjectId>,
+    /// What it is attached to.
+    pub target: Option<Target>,
+}
+
+/// The host objects of a session, by device handle: what a restarted backend adopts, so the
+/// VM's DMA goes on through the restart (the objects belong to the frontend's iommufd file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughState {
+    /// The vIOMMUs.
+    pub viommus: Vec<VIommuState>,
+    /// The devices, by handle.
+    pub devices: BTreeMap<u32, DeviceState>,
+}
+
 /// Counters, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PassthroughCounters {
@@ -113,6 +162,8 @@ pub struct Passthrough {
     host: Box<dyn HostIommu>,
     viommus: Vec<VIommu>,
     devices: BTreeMap<u32, Device>,
+    /// Devices of an adopted state whose ATTACH_DEVICE has not come yet.
+    adopting: BTreeMap<u32, DeviceState>,
     counters: PassthroughCounters,
 }
 
@@ -123,6 +174,7 @@ impl Passthrough {
             host,
             viommus: Vec::new(),
             devices: BTreeMap::new(),
+            adopting: BTreeMap::new(),
             counters: PassthroughCounters::default(),
         }
     }
@@ -159,6 +211,33 @@ impl Passthrough {
         target: Target,
     ) -> Result<Applied, PassthroughError> {
         let dev_id = host.dev_id;
+        if let Some(saved) = self.adopting.remove(&handle) {
+            if saved.dev_id != dev_id || saved.vsid != vsid {
+                return Err(PassthroughError::Incompatible {
+                    dev_id,
+                    reason: format!(
+                        "the adopted state has device {} at vSID {:#x} for this handle",
+                        saved.dev_id, saved.vsid
+                    ),
+                });
+            }
+            info!(
+                "passthrough device {handle}: adopted (vDEVICE {:?}, HWPT {:?})",
+                saved.vdevice, saved.nested
+            );
+            self.devices.insert(
+                handle,
+                Device {
+                    host,
+                    viommu: saved.viommu,
+                    vsid,
+                    vdevice: saved.vdevice,
+                    nested: saved.nested,
+                    target: saved.target,
+                },
+            );
+            return self.apply(handle, target);
+        }
         let info = self.host.hw_info(dev_id)?;
         let made_viommu = !self.viommus.iter().any(|v| v.s2_hwpt == s2_hwpt);
         if made_viommu {
@@ -232,6 +311,7 @@ impl Passthrough {
             abort,
             bypass,
             caps: HostCaps::from_hw_info(info),
+            idr: info.idr,
             veventq: None,
         });
         Ok(())
@@ -377,6 +457,7 @@ impl Passthrough {
             viommus,
             devices,
             counters,
+            ..
         } = self;
         for v in viommus.iter() {
             let known = |sid: u32| {
@@ -458,6 +539,92 @@ impl Passthrough {
             }
         }
         Ok(total)
+    }
+
+    /// The host objects, to save.
+    pub fn snapshot(&self) -> PassthroughState {
+        PassthroughState {
+            viommus: self
+                .viommus
+                .iter()
+                .map(|v| VIommuState {
+                    id: v.id,
+                    s2_hwpt: v.s2_hwpt,
+                    abort: v.abort,
+                    bypass: v.bypass,
+                    veventq: v.veventq.as_ref().map(|q| q.id),
+                    idr: v.idr,
+                })
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|(&h, d)| {
+                    (
+                        h,
+                        DeviceState {
+                            dev_id: d.host.dev_id,
+                            viommu: d.viommu,
+                            vsid: d.vsid,
+                            vdevice: d.vdevice,
+                            nested: d.nested,
+                            target: d.target,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes over the objects a previous backend left in the frontend's iommufd. Devices are
+    /// adopted when the frontend attaches them again; vEVENTQs are remade (their fds died with
+    /// the previous backend).
+    pub fn adopt(&mut self, state: PassthroughState) -> Result<(), PassthroughError> {
+        if !self.devices.is_empty() || !self.viommus.is_empty() {
+            return Err(PassthroughError::Incompatible {
+                dev_id: 0,
+                reason: "passthrough devices are attached already".into(),
+            });
+        }
+        for v in state.viommus {
+            if let Some(q) = v.veventq
+                && let Err(e) = self.host.destroy(q)
+            {
+                warn!("destroying the previous backend's vEVENTQ {q}: {e}");
+            }
+            let hw = HwInfo {
+                idr: v.idr,
+                ..HwInfo::default()
+            };
+            self.viommus.push(VIommu {
+                id: v.id,
+                s2_hwpt: v.s2_hwpt,
+                abort: v.abort,
+                bypass: v.bypass,
+                caps: HostCaps::from_hw_info(&hw),
+                idr: v.idr,
+                veventq: None,
+            });
+        }
+        info!(
+            "adopted {} vIOMMU(s); {} device(s) to adopt at ATTACH_DEVICE",
+            self.viommus.len(),
+            state.devices.len()
+        );
+        self.adopting = state.devices;
+        Ok(())
+    }
+
+    /// Lets go of every object without destroying it (the backend is stopping, and a new one
+    /// will adopt them): the devices keep translating.
+    pub fn leave(&mut self) {
+        let devices = std::mem::take(&mut self.devices);
+        let viommus = std::mem::take(&mut self.viommus);
+        info!(
+            "leaving {} passthrough device(s) on {} vIOMMU(s) for the next backend",
+            devices.len(),
+            viommus.len()
+        );
     }
 
     /// Detaches every device and destroys every object (end of session).

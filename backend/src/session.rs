@@ -27,7 +27,7 @@ use crate::handed_out::{self, HandedOut};
 use crate::host::{HostDevice, HostError, HostIommu, RawCmd, VEvent};
 use crate::limits::ModelLimits;
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
-use crate::passthrough::{self, Applied, Passthrough};
+use crate::passthrough::{self, Applied, Passthrough, PassthroughState};
 use crate::smmuv3::snapshot::SmmuSnapshot;
 use crate::smmuv3::stream::StreamConfig;
 use crate::smmuv3::walk::AccessKind;
@@ -152,6 +152,9 @@ struct SessionState {
     smmu: SmmuSnapshot,
     /// Attached devices by handle, for a consistency check on restore.
     devices: BTreeMap<u32, u32>,
+    /// The host objects of passthrough devices, for a restarted backend to adopt.
+    #[serde(default)]
+    passthrough: Option<PassthroughState>,
 }
 
 const STATE_VERSION: u32 = 1;
@@ -645,6 +648,14 @@ impl Session {
             .unwrap_or_default()
     }
 
+    /// The backend is stopping, not the VM: passthrough devices keep their nested translation
+    /// and the host objects stay in the frontend's iommufd for the next backend to adopt.
+    pub fn leave_host_objects(&mut self) {
+        if let Some(p) = self.passthrough.as_mut() {
+            p.leave();
+        }
+    }
+
     /// Moves what the host SMMU reported into the guest's event queue.
     pub fn handle_host_events(&mut self) -> Result<(), SessionError> {
         let Some(p) = self.passthrough.as_mut() else {
@@ -932,6 +943,7 @@ impl Session {
             version: STATE_VERSION,
             smmu: smmu.snapshot(),
             devices: self.devices.iter().map(|(&h, d)| (h, d.sid)).collect(),
+            passthrough: self.passthrough.as_ref().map(Passthrough::snapshot),
         };
         let json = serde_json::to_vec(&state)
             .map_err(|e| refuse(Status::INTERNAL, format!("cannot encode the state: {e}")))?;
@@ -983,21 +995,54 @@ impl Session {
                 format!("state version {}", state.version),
             ));
         }
+        // Passthrough devices of the state are adopted when the frontend attaches them again,
+        // after SET_STATE; every other device must be attached as it was.
+        let host_state = state.passthrough.unwrap_or_default();
+        let expected: BTreeMap<u32, u32> = state
+            .devices
+            .iter()
+            .filter(|(h, _)| !host_state.devices.contains_key(h))
+            .map(|(&h, &sid)| (h, sid))
+            .collect();
         let attached: BTreeMap<u32, u32> = self.devices.iter().map(|(&h, d)| (h, d.sid)).collect();
-        if state.devices != attached {
+        if expected != attached {
             return Err(refuse(
                 Status::INCOMPATIBLE,
                 format!(
-                    "state has devices {:?}, attached are {attached:?}",
-                    state.devices
+                    "state has devices {expected:?} (besides passthrough ones to adopt), \
+                     attached are {attached:?}"
                 ),
             ));
+        }
+        let adopting = !host_state.viommus.is_empty() || !host_state.devices.is_empty();
+        if adopting && self.passthrough.is_none() {
+            return Err(refuse(
+                Status::BAD_STATE,
+                "the state has passthrough devices: SET_IOMMUFD first",
+            ));
+        }
+        // An IDR_AUTO model takes the registers the saved devices' host SMMU gave it.
+        if self.idr_auto_pending
+            && let Some(v) = host_state.viommus.first()
+            && let Some(smmu) = self.smmu.as_ref()
+        {
+            let hw = crate::host::HwInfo {
+                idr: v.idr,
+                ..Default::default()
+            };
+            let features = passthrough::auto_features(&hw, smmu.features());
+            self.smmu = Some(Smmu::new(features));
+            self.idr_auto_pending = false;
         }
         let Some(smmu) = self.smmu.as_mut() else {
             return Err(refuse(Status::BAD_STATE, "no vSMMU"));
         };
         smmu.restore(&state.smmu)
             .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
+        if adopting && let Some(p) = self.passthrough.as_mut() {
+            p.adopt(host_state)
+                .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
+        }
         info!("state restored");
         self.run_effects()
     }

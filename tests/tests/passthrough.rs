@@ -115,12 +115,8 @@ fn rig_with(config: ModelConfig) -> Rig {
     rig_within(config, viommu_tests::FRONTEND_FEATURES)
 }
 
-fn rig_within(config: ModelConfig, features: viommu_protocol::Features) -> Rig {
-    let mut double = HostDouble::new(NESTING_HW);
-    double.add_device(DEV_A, 0x500, None).unwrap();
-    double.add_device(DEV_B, 0x501, None).unwrap();
-    let s2 = double.alloc_s2_hwpt(0).unwrap();
-    let host = Shared(Arc::new(Mutex::new(double)));
+/// The daemon's event loop on a thread, serving one connection with `host` as its iommufd.
+fn spawn_daemon(host: &Shared) -> (UnixStream, JoinHandle<()>, OwnedFd) {
     let factory_host = host.clone();
     let options = Options {
         busy_poll: Duration::ZERO,
@@ -134,6 +130,16 @@ fn rig_within(config: ModelConfig, features: viommu_protocol::Features) -> Rig {
     let daemon = std::thread::spawn(move || {
         daemon::serve_connection(theirs, &shutdown, &options).unwrap();
     });
+    (ours, daemon, stop)
+}
+
+fn rig_within(config: ModelConfig, features: viommu_protocol::Features) -> Rig {
+    let mut double = HostDouble::new(NESTING_HW);
+    double.add_device(DEV_A, 0x500, None).unwrap();
+    double.add_device(DEV_B, 0x501, None).unwrap();
+    let s2 = double.alloc_s2_hwpt(0).unwrap();
+    let host = Shared(Arc::new(Mutex::new(double)));
+    let (ours, daemon, stop) = spawn_daemon(&host);
     let mut qemu = MockQemu::from_stream(ours);
     qemu.negotiate_within(features).unwrap();
     qemu.start(config, RAM_SIZE).unwrap();
@@ -173,6 +179,21 @@ impl Rig {
         let host = self.host.lock();
         let hwpt = host.attached(dev).expect("attached");
         host.nested_ste(hwpt).expect("a nested HWPT")
+    }
+
+    /// Stops the backend as SIGTERM does (the VM goes on), waits for it, and starts a new
+    /// backend on the same iommufd; the frontend connects to it as QEMU reconnects.
+    fn restart(mut self) -> Rig {
+        rustix::io::write(&self._stop, &[1]).unwrap();
+        self.daemon.take().unwrap().join().unwrap();
+        let (ours, daemon, stop) = spawn_daemon(&self.host);
+        Rig {
+            qemu: MockQemu::from_stream(ours),
+            host: self.host.clone(),
+            s2: self.s2,
+            daemon: Some(daemon),
+            _stop: stop,
+        }
     }
 
     /// Closes the connection and waits for the daemon's session to end.
@@ -566,4 +587,56 @@ fn a_frontend_with_a_fixed_doorbell_needs_no_translate() {
     let err = rig.qemu.attach(3, 0x28).unwrap_err();
     assert!(format!("{err:#}").contains("TRANSLATE"), "{err:#}");
     rig.finish();
+}
+
+#[test]
+fn a_restarted_backend_adopts_the_host_objects_and_the_device_keeps_translating() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(SID_A, pt, 7).unwrap();
+    let hwpt = rig.host.lock().attached(DEV_A);
+    let vste = rig.vste(DEV_A);
+    let state = rig.qemu.get_state().unwrap();
+    let ram = rig.qemu.take_ram().unwrap();
+
+    // The backend is upgraded: SIGTERM, not a VM shutdown. The device keeps its nested HWPT.
+    let mut rig = rig.restart();
+    assert_eq!(rig.host.lock().attached(DEV_A), hwpt, "DMA went on");
+    assert!(rig.host.lock().live_objects() > 0);
+
+    // QEMU reconnects: same RAM, the iommufd, the saved state, then its devices again.
+    rig.qemu.negotiate().unwrap();
+    rig.qemu.start_on(auto_config(), ram).unwrap();
+    rig.qemu.set_iommufd(memfd()).unwrap();
+    rig.qemu.set_state(&state).unwrap();
+    let objects = rig.host.lock().live_objects();
+    rig.attach(1, SID_A, DEV_A);
+    assert_eq!(rig.host.lock().attached(DEV_A), hwpt, "adopted, not remade");
+    assert_eq!(rig.vste(DEV_A), vste);
+    // Only a new vEVENTQ (the old one's fd died with the old backend; SET_STATE destroyed it).
+    assert_eq!(rig.host.lock().live_objects(), objects + 1);
+
+    // The guest goes on with the new backend: invalidations, STE changes, events.
+    d.port = rig.qemu.port();
+    let calls = rig.host.lock().invalidate_count();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhAsid { vmid: 0, asid: 7 })
+        .unwrap();
+    assert_eq!(rig.host.lock().invalidate_count(), calls + 1);
+    let record = [0x10 | (0x500u64 << 32), 0, 0x4000_1000, 0];
+    rig.host.lock().inject_event(DEV_A, record);
+    let batch = wait_events(&mut d);
+    assert_eq!(batch.events[0].sid(), SID_A);
+    let pt = d.new_s1_pgtable(Granule::G16K).unwrap();
+    d.attach_s1(SID_A, pt, 9).unwrap();
+    assert_ne!(rig.vste(DEV_A), vste);
+    assert!(d.port.take_error().is_none());
+    let host = rig.finish();
+    assert_eq!(
+        host.lock().live_objects(),
+        0,
+        "the VM's end tears everything down"
+    );
 }
