@@ -640,3 +640,48 @@ fn a_restarted_backend_adopts_the_host_objects_and_the_device_keeps_translating(
         "the VM's end tears everything down"
     );
 }
+
+#[test]
+fn kernel_refusals_at_attach_are_clear_errors_and_leave_nothing_behind() {
+    let mut rig = rig();
+    rig.attach(1, SID_A, DEV_A);
+    let objects = rig.host.lock().live_objects();
+    let status_of = |err: anyhow::Error| match err.downcast_ref::<Error>() {
+        Some(Error::Remote {
+            status, message, ..
+        }) => (*status, message.clone()),
+        other => panic!("{other:?}"),
+    };
+    // The same vSID twice in one vIOMMU: the kernel's EEXIST.
+    let err = rig
+        .qemu
+        .attach_passthrough(2, SID_A, DEV_B, rig.s2, memfd())
+        .unwrap_err();
+    let (status, message) = status_of(err);
+    assert_eq!(status, Status::HOST_ERROR);
+    assert!(
+        message.contains("IOMMU_VDEVICE_ALLOC") || message.contains("exists"),
+        "{message}"
+    );
+    assert_eq!(rig.host.lock().live_objects(), objects);
+    // A stage-2 HWPT that is not a nesting parent: EINVAL from IOMMU_VIOMMU_ALLOC.
+    let paging = 900;
+    rig.host.lock().add_paging_hwpt(paging, 0).unwrap();
+    let err = rig
+        .qemu
+        .attach_passthrough(2, SID_B, DEV_B, paging, memfd())
+        .unwrap_err();
+    assert_eq!(status_of(err).0, Status::HOST_ERROR);
+    assert_eq!(rig.host.lock().live_objects(), objects);
+    // A device iommufd does not know: ENOENT from IOMMU_GET_HW_INFO.
+    let err = rig
+        .qemu
+        .attach_passthrough(2, SID_B, 4242, rig.s2, memfd())
+        .unwrap_err();
+    assert_eq!(status_of(err).0, Status::HOST_ERROR);
+    // After all that, the device attaches fine.
+    rig.attach(2, SID_B, DEV_B);
+    assert_eq!(rig.vste(DEV_B), BYPASS_VSTE);
+    let host = rig.finish();
+    assert_eq!(host.lock().live_objects(), 0);
+}
