@@ -174,6 +174,16 @@ impl Rig {
         .unwrap()
     }
 
+    /// Device A attached, the guest booted, and a stage-1 domain (ASID 7) on device A's stream.
+    fn booted(&mut self) -> Driver<SocketPort, vm_memory::GuestMemoryMmap<()>> {
+        self.attach(1, SID_A, DEV_A);
+        let mut d = self.guest();
+        d.reset().unwrap();
+        let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+        d.attach_s1(SID_A, pt, 7).unwrap();
+        d
+    }
+
     /// The vSTE of the HWPT `dev` is attached to.
     fn vste(&self, dev: u32) -> VSte {
         let host = self.host.lock();
@@ -294,11 +304,7 @@ fn every_ste_transition_moves_the_device_make_before_break() {
 #[test]
 fn a_vste_the_kernel_refuses_is_c_bad_ste_and_the_device_aborts() {
     let mut rig = rig();
-    rig.attach(1, SID_A, DEV_A);
-    let mut d = rig.guest();
-    d.reset().unwrap();
-    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
-    d.attach_s1(SID_A, pt, 7).unwrap();
+    let mut d = rig.booted();
     d.evtq_thread().unwrap();
     // EATS = 0b10 (S1CHK): the model has no ATS and ignores it; the kernel refuses it.
     let mut ste = d.read_ste(SID_A).unwrap();
@@ -321,11 +327,7 @@ fn a_vste_the_kernel_refuses_is_c_bad_ste_and_the_device_aborts() {
 #[test]
 fn invalidations_reach_the_host_in_one_ioctl_per_sync_in_order() {
     let mut rig = rig();
-    rig.attach(1, SID_A, DEV_A);
-    let mut d = rig.guest();
-    d.reset().unwrap();
-    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
-    d.attach_s1(SID_A, pt, 7).unwrap();
+    let mut d = rig.booted();
     rig.host.lock().take_executed();
     let calls = rig.host.lock().invalidate_count();
 
@@ -366,11 +368,7 @@ fn invalidations_reach_the_host_in_one_ioctl_per_sync_in_order() {
 #[test]
 fn a_host_invalidation_failure_fails_the_sync() {
     let mut rig = rig();
-    rig.attach(1, SID_A, DEV_A);
-    let mut d = rig.guest();
-    d.reset().unwrap();
-    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
-    d.attach_s1(SID_A, pt, 7).unwrap();
+    let mut d = rig.booted();
     // One timeout: the backend issues the (idempotent) batch again and the sync completes.
     rig.host.lock().take_executed();
     rig.host
@@ -442,11 +440,7 @@ fn auto_id_registers_come_from_the_first_device_and_a_mismatch_is_refused() {
 #[test]
 fn host_events_reach_the_guest_queue_with_the_vsid_and_overflow_too() {
     let mut rig = rig();
-    rig.attach(1, SID_A, DEV_A);
-    let mut d = rig.guest();
-    d.reset().unwrap();
-    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
-    d.attach_s1(SID_A, pt, 7).unwrap();
+    let mut d = rig.booted();
     d.evtq_thread().unwrap();
     // F_TRANSLATION from the physical SMMU, with the physical StreamID.
     let record = [0x10 | (0x500u64 << 32), 0, 0x4000_1000, 0];
@@ -592,11 +586,7 @@ fn a_frontend_with_a_fixed_doorbell_needs_no_translate() {
 #[test]
 fn a_restarted_backend_adopts_the_host_objects_and_the_device_keeps_translating() {
     let mut rig = rig();
-    rig.attach(1, SID_A, DEV_A);
-    let mut d = rig.guest();
-    d.reset().unwrap();
-    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
-    d.attach_s1(SID_A, pt, 7).unwrap();
+    let mut d = rig.booted();
     let hwpt = rig.host.lock().attached(DEV_A);
     let vste = rig.vste(DEV_A);
     let state = rig.qemu.get_state().unwrap();
