@@ -345,6 +345,15 @@ fn hostile_frontends_get_errors_and_the_daemon_serves_the_next() {
 
     let mut qemu = daemon.connect();
     qemu.negotiate().unwrap();
+    // An "iommufd" that is not one: HOST_ERROR from the real iommufd layer, and the session
+    // goes on.
+    let not_iommufd = MemfdRam::new(0, 0x1000).unwrap().fd().unwrap();
+    let err = qemu.set_iommufd(not_iommufd).unwrap_err();
+    assert_eq!(remote_status(&err), Some(Status::HOST_ERROR), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("not a usable iommufd"),
+        "{err:#}"
+    );
     // A memory region whose fd is a socket, not a file: refused, nothing mapped.
     let (a, _b) = UnixStream::pair().unwrap();
     let err = qemu
