@@ -4,10 +4,13 @@
 //!   ([`ram`]), IRQ eventfds, the backend channel ([`channel`]) and its translation cache;
 //! - [`port`]: the vSMMU's registers reached over MMIO_READ / MMIO_WRITE;
 //! - [`guest`]: a guest driver that programs the vSMMU the way Linux does;
+//! - [`lab`]: the lab program's safe wrappers over a real `/dev/iommu`, a VFIO cdev and the
+//!   `edu` device's BAR0, for playing QEMU on a real host IOMMU;
 //! - [`scenario`]: the scripted Linux-like session of the demo and the integration tests.
 
 pub mod channel;
 pub mod guest;
+pub mod lab;
 pub mod port;
 pub mod ram;
 pub mod scenario;
