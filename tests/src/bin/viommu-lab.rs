@@ -386,14 +386,8 @@ fn t7_detach_and_second_session(host: &Host, vm: Vm) -> anyhow::Result<Vm> {
         "after DETACH the device is not on its stage 2"
     );
     let ram = qemu.take_ram().context("no RAM")?;
-    qemu.close()?;
     drop(mem);
-    // The backend has torn the session down once it answers the next connection.
-    let socket = backend.socket().to_owned();
-    let mut next = MockQemu::connect(&socket, Duration::from_secs(20))?;
-    next.negotiate()?;
-    next.close()?;
-    drop(backend);
+    end_session(qemu, backend)?;
     // Nothing of the backend's is left: the device takes a new vIOMMU and vDEVICE.
     let mut probe = Iommufd::new(host.iommufd.dup()?)?;
     let viommu = probe.alloc_viommu(host.dev_id, host.s2)?;
@@ -408,6 +402,18 @@ fn t7_detach_and_second_session(host: &Host, vm: Vm) -> anyhow::Result<Vm> {
 
 fn vm_again(host: &Host, ram: MemfdRam) -> anyhow::Result<Vm> {
     vm(host, ram)
+}
+
+/// Ends a session the way QEMU does (closing the connection), waits until the backend has torn
+/// it down (it answers the next connection only then), and stops the backend.
+fn end_session(qemu: MockQemu, backend: BackendProcess) -> anyhow::Result<()> {
+    qemu.close()?;
+    let socket = backend.socket().to_owned();
+    let mut next = MockQemu::connect(&socket, Duration::from_secs(20))?;
+    next.negotiate()?;
+    next.close()?;
+    drop(backend);
+    Ok(())
 }
 
 /// 8. The double's rules against the real kernel: vSTE bits and configs, opcodes and fields,
@@ -544,7 +550,14 @@ fn run(
     match t7_detach_and_second_session(&host, vm) {
         Ok(vm) => {
             report("7 detach, cleanup, a second session", Ok(()));
-            drop(vm);
+            let Vm {
+                qemu,
+                d,
+                _backend: backend,
+                ..
+            } = vm;
+            drop(d);
+            end_session(qemu, backend)?;
         }
         Err(e) => report("7 detach, cleanup, a second session", Err(e)),
     }
