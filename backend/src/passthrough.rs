@@ -482,6 +482,11 @@ impl Passthrough {
                 counters.commands_forwarded = counters
                     .commands_forwarded
                     .saturating_add(chunk.len() as u64);
+                debug!(
+                    "vIOMMU {}: {} command(s) in one IOMMU_HWPT_INVALIDATE",
+                    v.id,
+                    chunk.len()
+                );
                 if let Err(e) = host.invalidate(v.id, chunk) {
                     // Invalidations are idempotent: issue the batch once more, since the kernel
                     // may not have issued the commands before the failure (entry_num).

@@ -472,11 +472,23 @@ impl BackendProcess {
 
     /// Starts `binary --socket-path socket ARGS...`.
     pub fn spawn_with(binary: &Path, socket: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_logging(binary, socket, args, None)
+    }
+
+    /// [`BackendProcess::spawn_with`], its log (stderr) going to `log` when given.
+    pub fn spawn_logging(
+        binary: &Path,
+        socket: &Path,
+        args: &[&str],
+        log: Option<std::fs::File>,
+    ) -> anyhow::Result<Self> {
+        let stderr = log.map_or_else(Stdio::inherit, Stdio::from);
         let child = Command::new(binary)
             .arg("--socket-path")
             .arg(socket)
             .args(args)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         Ok(Self {

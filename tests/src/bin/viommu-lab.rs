@@ -43,6 +43,19 @@ const IOVA_B: u64 = 0x0010_1000;
 /// edu's internal buffer.
 const EDU_BUF: u64 = 0x4_0000;
 const ASID: u16 = 1;
+/// Where the backend logs.
+const BACKEND_LOG: &str = "/tmp/viommu-backend.log";
+
+/// The backend's IOMMU_HWPT_INVALIDATE calls so far, with their command counts.
+fn host_invalidations() -> anyhow::Result<Vec<usize>> {
+    let log = std::fs::read_to_string(BACKEND_LOG).context("reading the backend's log")?;
+    Ok(log
+        .lines()
+        .filter_map(|l| l.split(": ").last())
+        .filter_map(|l| l.strip_suffix(" command(s) in one IOMMU_HWPT_INVALIDATE"))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect())
+}
 
 type Guest = Driver<SocketPort, GuestMemoryMmap<()>>;
 
@@ -113,7 +126,14 @@ fn host(backend: PathBuf, cdev_path: &str) -> anyhow::Result<(Host, MemfdRam)> {
 fn vm(host: &Host, ram: MemfdRam) -> anyhow::Result<Vm> {
     let socket = std::env::temp_dir().join(format!("vsmmu-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let backend = BackendProcess::spawn_with(&host.backend, &socket, &["--log-level", "warn"])?;
+    // The backend's debug log names every IOMMU_HWPT_INVALIDATE (test 6 counts them).
+    let log = std::fs::File::create(BACKEND_LOG).context("creating the backend's log")?;
+    let backend = BackendProcess::spawn_logging(
+        &host.backend,
+        &socket,
+        &["--log-level", "debug"],
+        Some(log),
+    )?;
     let mut qemu = MockQemu::connect(&socket, Duration::from_secs(20))?;
     qemu.negotiate()?;
     qemu.start_on(config(), ram)?;
@@ -315,8 +335,8 @@ fn t5_gbpa_smmuen(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 6. A burst of TLBIs before one CMD_SYNC: every one takes effect (the backend forwards them
-///    in one IOMMU_HWPT_INVALIDATE).
+/// 6. A burst of TLBIs before one CMD_SYNC reaches the kernel in one IOMMU_HWPT_INVALIDATE (the
+///    backend's log names each call) and every one takes effect.
 fn t6_batched(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
     let pt = vm.pt.clone().context("no stage-1 table")?;
     let pages = 16u64;
@@ -349,7 +369,14 @@ fn t6_batched(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
             ..Tlbi::default()
         }));
     }
+    let before = host_invalidations()?.len();
     drv(vm.d.issue_cmds_with_sync(&cmds))?;
+    let calls = host_invalidations()?;
+    let new_calls = calls.get(before..).unwrap_or_default();
+    ensure!(
+        new_calls == [pages as usize],
+        "the TLBI burst reached the kernel as {new_calls:?} (commands per IOMMU_HWPT_INVALIDATE)"
+    );
     fill(&vm.mem, vm.page_b, 0x02)?;
     edu.dma(IOVA_A, EDU_BUF, 64, false)?;
     for i in 0..pages {
