@@ -26,10 +26,12 @@ pub enum DaemonError {
     Accept(#[source] io::Error),
 }
 
-/// The read end of a pipe that SIGTERM and SIGINT write to.
+/// The signals the daemon reacts to: the read end of a pipe that SIGTERM and SIGINT write to
+/// (stop), and of one that SIGUSR1 writes to (log a status line).
 #[derive(Debug)]
 pub struct Shutdown {
     read: OwnedFd,
+    status: Option<OwnedFd>,
 }
 
 impl Shutdown {
@@ -42,7 +44,14 @@ impl Shutdown {
             let write = write.try_clone().map_err(DaemonError::Signals)?;
             signal_hook::low_level::pipe::register(signal, write).map_err(DaemonError::Signals)?;
         }
-        Ok(Self { read })
+        let (status, status_write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .map_err(|e| DaemonError::Signals(e.into()))?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, status_write)
+            .map_err(DaemonError::Signals)?;
+        Ok(Self {
+            read,
+            status: Some(status),
+        })
     }
 
     /// A shutdown that no signal triggers: writing a byte to the returned fd does (for a
@@ -50,7 +59,7 @@ impl Shutdown {
     pub fn manual() -> Result<(Self, OwnedFd), DaemonError> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
             .map_err(|e| DaemonError::Signals(e.into()))?;
-        Ok((Self { read }, write))
+        Ok((Self { read, status: None }, write))
     }
 
     /// The fd to poll.
@@ -125,6 +134,23 @@ const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
 const TOKEN_HOST_EVENTS: u64 = 4;
+const TOKEN_STATUS: u64 = 5;
+
+/// Empties the status pipe; returns whether SIGUSR1 came.
+fn take_status_request(shutdown: &Shutdown) -> bool {
+    let Some(fd) = shutdown.status.as_ref() else {
+        return false;
+    };
+    let mut buf = [0u8; 16];
+    let mut any = false;
+    while let Ok(n) = rustix::io::read(fd, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        any = true;
+    }
+    any
+}
 
 /// Watches the session's vEVENTQ fds, which come and go with the guest's event queue. A
 /// closed fd leaves the epoll set by itself; a number reused for a new queue is added again.
@@ -176,6 +202,9 @@ pub fn serve_connection(
     let mut session = Session::with_options(stream, options.session.clone());
     watch(&epoll, session.connection(), TOKEN_MAIN)?;
     watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
+    if let Some(status) = shutdown.status.as_ref() {
+        watch(&epoll, status, TOKEN_STATUS)?;
+    }
     let mut channel_watched = false;
     let mut host_queues: Vec<(u32, RawFd)> = Vec::new();
     let mut events = [EpollEvent::default(); 8];
@@ -196,6 +225,11 @@ pub fn serve_connection(
                     info!("shutting down");
                     session.leave_host_objects();
                     return Ok(Served::Shutdown);
+                }
+                TOKEN_STATUS => {
+                    if take_status_request(shutdown) {
+                        info!("status: {}", session.status_line());
+                    }
                 }
                 TOKEN_HOST_EVENTS => {
                     if let Err(err) = session.handle_host_events() {
@@ -260,7 +294,10 @@ pub fn serve_listener(
     let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
     watch(&epoll, listener, TOKEN_LISTENER)?;
     watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
-    let mut events = [EpollEvent::default(); 2];
+    if let Some(status) = shutdown.status.as_ref() {
+        watch(&epoll, status, TOKEN_STATUS)?;
+    }
+    let mut events = [EpollEvent::default(); 4];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -271,6 +308,12 @@ pub fn serve_listener(
             if event.data() == TOKEN_SIGNAL {
                 info!("shutting down");
                 return Ok(());
+            }
+            if event.data() == TOKEN_STATUS {
+                if take_status_request(shutdown) {
+                    info!("status: no frontend connected; listening");
+                }
+                continue;
             }
             let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
             info!("frontend connected");

@@ -189,6 +189,17 @@ impl Passthrough {
         self.host.hw_info(dev_id)
     }
 
+    /// What a passthrough device's DMA goes through now, for the status line.
+    pub fn mode(&self, handle: u32) -> &'static str {
+        match self.devices.get(&handle).map(|d| d.target) {
+            Some(Some(Target::Abort)) => "abort",
+            Some(Some(Target::Bypass)) => "bypass",
+            Some(Some(Target::Translate(_))) => "nested S1",
+            Some(None) => "stage 2",
+            None => "unknown",
+        }
+    }
+
     /// Whether `handle` is a passthrough device.
     pub fn contains(&self, handle: u32) -> bool {
         self.devices.contains_key(&handle)

@@ -254,6 +254,47 @@ impl Session {
         self.smmu.as_ref()
     }
 
+    /// One line on what the session is doing: state, devices and their mode, counters.
+    pub fn status_line(&self) -> String {
+        let devices: Vec<String> = self
+            .devices
+            .iter()
+            .map(|(&handle, d)| {
+                let mode = match (&self.passthrough, d.passthrough) {
+                    (Some(p), true) => format!("passthrough, {}", p.mode(handle)),
+                    _ => format!("emulated, {:?}", d.space).to_lowercase(),
+                };
+                format!("{handle}@SID {:#x} ({mode})", d.sid)
+            })
+            .collect();
+        let c = self.counters;
+        let mut line = format!(
+            "state {}, features {:?}, {} device(s) [{}], {} messages ({} refused), {} translations",
+            self.phase,
+            self.features,
+            self.devices.len(),
+            devices.join(", "),
+            c.messages,
+            c.refused,
+            c.translations
+        );
+        if let Some(smmu) = self.smmu.as_ref() {
+            let m = smmu.counters();
+            line.push_str(&format!(
+                ", {} commands ({} errors), {} events ({} lost), {} IOTLB hits",
+                m.commands, m.command_errors, m.events, m.events_lost, m.iotlb_hits
+            ));
+        }
+        if let Some(p) = self.passthrough.as_ref() {
+            let h = p.counters();
+            line.push_str(&format!(
+                ", host: {} invalidation ioctls for {} commands, {} STEs installed",
+                h.invalidate_calls, h.commands_forwarded, h.stes_installed
+            ));
+        }
+        line
+    }
+
     /// Number of attached devices.
     pub fn device_count(&self) -> usize {
         self.devices.len()

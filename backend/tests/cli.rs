@@ -251,3 +251,59 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// SIGUSR1 logs one status line: the session's state, devices and counters (or that nobody is
+/// connected), and the daemon goes on.
+#[test]
+fn sigusr1_logs_a_status_line() {
+    let dir = std::env::temp_dir().join(format!("viommu-cli-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s.sock");
+    let log_path = dir.join("log");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let wait_log = |needle: &str| {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no '{needle}' in {log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let frontend = Frontend::new(connect_retry(&socket));
+    frontend
+        .call(&FrontendRequest::SetFeatures(Features::TRANSLATE))
+        .unwrap();
+    signal("-USR1");
+    let log = wait_log("status: state NEGOTIATED");
+    assert!(log.contains("0 device(s)"), "{log}");
+    drop(frontend);
+    wait_log("frontend disconnected");
+    signal("-USR1");
+    wait_log("status: no frontend connected");
+    assert!(matches!(child.try_wait(), Ok(None)), "still running");
+    signal("-TERM");
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
