@@ -23,7 +23,17 @@ use viommu_backend::session::OFFERED_FEATURES;
 ///
 /// Example: viommu-backend --socket-path /run/viommu/vm1-smmu0.sock
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, group(ArgGroup::new("socket").args(["socket_path", "fd"])))]
+#[command(
+    version,
+    about,
+    long_about,
+    after_long_help = "Signals: SIGTERM and SIGINT stop the daemon; a frontend's passthrough \
+devices keep translating, and the iommufd objects stay for the next backend to adopt (see \
+docs/protocol.md, 4.3). SIGUSR1 logs one status line: the session's state, its devices with \
+their mode (emulated address space, or passthrough abort, bypass or nested S1) and the command, \
+translation, event and error counters.\n\nEnvironment: RUST_LOG overrides --log-level.",
+    group(ArgGroup::new("socket").args(["socket_path", "fd"]))
+)]
 struct Args {
     /// Listen on this Unix socket path and serve one frontend at a time, listening again after
     /// each disconnect. A stale socket file left by a dead backend is replaced; one that a live
@@ -67,6 +77,10 @@ struct Args {
     #[arg(long, value_name = "FEATURE", value_delimiter = ',', value_parser = parse_feature)]
     disable_feature: Vec<ModelFeature>,
 
+    /// Print the man page (roff) and exit; `contrib/man/viommu-backend.8` is its output.
+    #[arg(long, hide = true)]
+    print_man_page: bool,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG, if set, takes precedence).
     /// Example: --log-level debug
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -75,6 +89,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_man_page {
+        let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+            .section("8")
+            .manual("System Administration");
+        let mut out = Vec::new();
+        return match man.render(&mut out) {
+            Ok(()) => {
+                print!("{}", String::from_utf8_lossy(&out));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("viommu-backend: cannot render the man page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_capabilities {
         println!("{}", capabilities(&limits(&args)));
         return ExitCode::SUCCESS;

@@ -307,3 +307,23 @@ fn sigusr1_logs_a_status_line() {
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The shipped man page is what the CLI generates (regenerate with
+/// `cargo run -p viommu-backend -- --print-man-page > contrib/man/viommu-backend.8`).
+#[test]
+fn the_man_page_is_current() {
+    let out = Command::new(BIN).arg("--print-man-page").output().unwrap();
+    assert!(out.status.success());
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/man/viommu-backend.8"
+    ))
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        shipped,
+        "contrib/man/viommu-backend.8 is stale: regenerate it with \
+         `cargo run -p viommu-backend -- --print-man-page > contrib/man/viommu-backend.8`"
+    );
+    assert!(shipped.contains("SIGUSR1"));
+}
