@@ -1,7 +1,8 @@
-//! Adopting a file descriptor inherited from the process that started us (`--fd N`).
+//! Adopting a file descriptor inherited from the process that started us: a connected socket
+//! (`--fd N`, libvirt's way) or a listening one (`--listen-fd N`, systemd socket activation).
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 
 use rustix::net::{AddressFamily, SocketType, sockopt};
 
@@ -20,10 +21,31 @@ pub enum InheritedFdError {
     /// It is a listening socket, not a connection.
     #[error("--fd {0}: a listening socket; pass one end of a connected socketpair")]
     Listening(RawFd),
+    /// It is a connection, not a listening socket.
+    #[error("--listen-fd {0}: not a listening socket")]
+    NotListening(RawFd),
 }
 
 /// Takes ownership of inherited fd `fd` as the connection to the frontend.
 pub fn unix_stream(fd: RawFd) -> Result<UnixStream, InheritedFdError> {
+    let owned = unix_socket(fd)?;
+    if sockopt::socket_acceptconn(&owned).unwrap_or(false) {
+        return Err(InheritedFdError::Listening(fd));
+    }
+    Ok(UnixStream::from(owned))
+}
+
+/// Takes ownership of inherited fd `fd` as the socket to accept frontends on.
+pub fn unix_listener(fd: RawFd) -> Result<UnixListener, InheritedFdError> {
+    let owned = unix_socket(fd)?;
+    if !sockopt::socket_acceptconn(&owned).unwrap_or(false) {
+        return Err(InheritedFdError::NotListening(fd));
+    }
+    Ok(UnixListener::from(owned))
+}
+
+/// Takes ownership of inherited fd `fd`, which must be a Unix stream socket.
+fn unix_socket(fd: RawFd) -> Result<OwnedFd, InheritedFdError> {
     if (0..3).contains(&fd) {
         return Err(InheritedFdError::StandardStream(fd));
     }
@@ -41,10 +63,7 @@ pub fn unix_stream(fd: RawFd) -> Result<UnixStream, InheritedFdError> {
     if !is_unix_stream {
         return Err(InheritedFdError::NotUnixStream(fd));
     }
-    if sockopt::socket_acceptconn(&owned).unwrap_or(false) {
-        return Err(InheritedFdError::Listening(fd));
-    }
-    Ok(UnixStream::from(owned))
+    Ok(owned)
 }
 
 /// Borrows a raw fd number for a check that is harmless on any number.

@@ -32,7 +32,7 @@ devices keep translating, and the iommufd objects stay for the next backend to a
 docs/protocol.md, 4.3). SIGUSR1 logs one status line: the session's state, its devices with \
 their mode (emulated address space, or passthrough abort, bypass or nested S1) and the command, \
 translation, event and error counters.\n\nEnvironment: RUST_LOG overrides --log-level.",
-    group(ArgGroup::new("socket").args(["socket_path", "fd"]))
+    group(ArgGroup::new("socket").args(["socket_path", "fd", "listen_fd"]))
 )]
 struct Args {
     /// Listen on this Unix socket path and serve one frontend at a time, listening again after
@@ -46,6 +46,11 @@ struct Args {
     /// then exit. Example: --fd 3
     #[arg(long, value_name = "FDNUM")]
     fd: Option<RawFd>,
+
+    /// Accept frontends, one at a time, on the already listening Unix socket inherited as this
+    /// file descriptor (systemd socket activation passes it as 3). Example: --listen-fd 3
+    #[arg(long, value_name = "FDNUM")]
+    listen_fd: Option<RawFd>,
 
     /// Print the backend's capabilities as JSON on stdout and exit.
     #[arg(long)]
@@ -172,6 +177,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         },
     };
     match (&args.socket_path, args.fd) {
+        (None, None) if args.listen_fd.is_some() => {
+            let fd = args.listen_fd.unwrap_or_default();
+            let listener = inherited::unix_listener(fd)?;
+            let shutdown = Shutdown::install()?;
+            info!("accepting frontends on inherited fd {fd}");
+            daemon::serve_listener(&listener, &shutdown, &options)?;
+            Ok(())
+        }
         (Some(path), None) => {
             let listener = listen(path)?;
             let shutdown = Shutdown::install()?;
@@ -187,7 +200,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             daemon::serve_connection(stream, &shutdown, &options)?;
             Ok(())
         }
-        _ => bail!("one of --socket-path or --fd is required (see --help)"),
+        _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
     }
 }
 

@@ -64,7 +64,7 @@ fn print_capabilities_prints_json_and_exits_zero() {
 #[test]
 fn bad_invocations_fail_early_with_a_message() {
     let cases: [(&[&str], &str); 4] = [
-        (&[], "one of --socket-path or --fd is required"),
+        (&[], "one of --socket-path, --fd or --listen-fd is required"),
         (&["--fd", "1"], "stdin, stdout and stderr"),
         (&["--fd", "987"], "not an open file descriptor"),
         (
@@ -326,4 +326,44 @@ fn the_man_page_is_current() {
          `cargo run -p viommu-backend -- --print-man-page > contrib/man/viommu-backend.8`"
     );
     assert!(shipped.contains("SIGUSR1"));
+}
+
+/// systemd's way: a listening socket inherited as `--listen-fd N` (socket activation). The
+/// daemon serves frontends on it one after another; a connected socket there is refused.
+#[test]
+fn serves_an_inherited_listening_socket() {
+    let dir = std::env::temp_dir().join(format!("viommu-cli-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty()).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut child = Command::new(BIN)
+        .args(["--listen-fd", &fd.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    for _ in 0..2 {
+        let frontend = Frontend::new(connect_retry(&path));
+        assert!(matches!(
+            frontend.call(&FrontendRequest::GetFeatures).unwrap(),
+            FrontendReply::Features(_)
+        ));
+    }
+    assert!(matches!(child.try_wait(), Ok(None)), "still serving");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (_ours, theirs) = UnixStream::pair().unwrap();
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
+    let out = Command::new(BIN)
+        .args(["--listen-fd", &theirs.as_raw_fd().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a listening socket"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
