@@ -55,6 +55,24 @@ for xml in contrib/libvirt/*.xml; do
 done
 
 if sh -n contrib/libvirt/hooks/qemu; then ok "hook script syntax"; else fail "hook script syntax"; fi
+# The hook, with a systemctl that records what it is asked: prepare starts the socket of the
+# vSMMU the domain's chardev names, release stops it, other operations and domains do nothing.
+fakebin=$(mktemp -d)
+printf '#!/bin/sh\necho "systemctl $*" >> "%s/calls"\n' "$fakebin" >"$fakebin/systemctl"
+chmod +x "$fakebin/systemctl"
+hook() { PATH="$fakebin:$PATH" sh contrib/libvirt/hooks/qemu "$@" <contrib/libvirt/emulated.xml; }
+hook vm1 prepare begin -
+hook vm1 started begin -
+hook vm1 release end -
+hook other prepare begin -
+expected="systemctl start viommu-backend@vm1-smmu0.socket
+systemctl stop viommu-backend@vm1-smmu0.service viommu-backend@vm1-smmu0.socket"
+if [ "$(cat "$fakebin/calls" 2>/dev/null)" = "$expected" ]; then
+    ok "hook starts and stops the domain's backend"
+else
+    fail "hook: systemctl calls were: $(cat "$fakebin/calls" 2>/dev/null)"
+fi
+rm -rf "$fakebin"
 
 # ---- systemd units ----------------------------------------------------------------------------
 command -v systemd-analyze >/dev/null || skip "no systemd-analyze"

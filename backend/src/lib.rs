@@ -8,6 +8,7 @@
 //! - [`daemon`]: the event loop that serves frontends one after another;
 //! - [`inherited`]: adopting a socket passed with `--fd`;
 //! - [`limits`]: what the operator lets a frontend configure;
+//! - [`sandbox`]: seccomp, Landlock and privilege drops before serving;
 //! - [`passthrough`]: VFIO devices' iommufd objects, kept in step with the guest's STEs;
 //! - [`host`]: the host IOMMU (Linux iommufd) of passthrough mode, behind a trait.
 
@@ -18,6 +19,7 @@ pub mod inherited;
 pub mod limits;
 pub mod memory;
 pub mod passthrough;
+pub mod sandbox;
 pub mod session;
 pub mod smmuv3;
 

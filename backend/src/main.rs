@@ -17,6 +17,7 @@ use log::{error, info};
 use viommu_backend::daemon::{self, Shutdown};
 use viommu_backend::inherited;
 use viommu_backend::limits::{ModelFeature, ModelLimits};
+use viommu_backend::sandbox::{self, SandboxMode};
 use viommu_backend::session::OFFERED_FEATURES;
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.
@@ -82,6 +83,16 @@ struct Args {
     #[arg(long, value_name = "FEATURE", value_delimiter = ',', value_parser = parse_feature)]
     disable_feature: Vec<ModelFeature>,
 
+    /// The sandbox entered before serving: enforce (a system call outside the allowlist kills
+    /// the daemon), log (it is allowed and logged by the kernel), or off. Example: --sandbox log
+    #[arg(long, value_name = "MODE", default_value = "enforce", value_parser = parse_sandbox)]
+    sandbox: SandboxMode,
+
+    /// Enter the sandbox, then try a forbidden system call (socket(AF_INET)) and report; for
+    /// tests.
+    #[arg(long, hide = true)]
+    sandbox_selftest: bool,
+
     /// Print the man page (roff) and exit; `contrib/man/viommu-backend.8` is its output.
     #[arg(long, hide = true)]
     print_man_page: bool,
@@ -140,6 +151,17 @@ fn capabilities(limits: &ModelLimits) -> String {
     )
 }
 
+fn parse_sandbox(value: &str) -> Result<SandboxMode, String> {
+    match value {
+        "enforce" => Ok(SandboxMode::Enforce),
+        "log" => Ok(SandboxMode::Log),
+        "off" => Ok(SandboxMode::Off),
+        _ => Err(format!(
+            "'{value}' is not a sandbox mode (enforce, log or off)"
+        )),
+    }
+}
+
 fn parse_oas(value: &str) -> Result<u8, String> {
     match value.parse::<u8>() {
         Ok(bits @ (32 | 36 | 40 | 42 | 44 | 48)) => Ok(bits),
@@ -176,11 +198,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
+    if args.sandbox_selftest {
+        sandbox::enter(args.sandbox, None).context("cannot enter the sandbox")?;
+        let outcome = std::net::UdpSocket::bind("127.0.0.1:0");
+        println!("sandbox self-test: socket(AF_INET) gave {outcome:?}");
+        return Ok(());
+    }
     match (&args.socket_path, args.fd) {
         (None, None) if args.listen_fd.is_some() => {
             let fd = args.listen_fd.unwrap_or_default();
             let listener = inherited::unix_listener(fd)?;
             let shutdown = Shutdown::install()?;
+            sandbox::enter(args.sandbox, None).context("cannot enter the sandbox")?;
             info!("accepting frontends on inherited fd {fd}");
             daemon::serve_listener(&listener, &shutdown, &options)?;
             Ok(())
@@ -188,6 +217,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (Some(path), None) => {
             let listener = listen(path)?;
             let shutdown = Shutdown::install()?;
+            sandbox::enter(args.sandbox, path.parent()).context("cannot enter the sandbox")?;
             info!("listening on {}", path.display());
             let result = daemon::serve_listener(&listener, &shutdown, &options);
             let _ = std::fs::remove_file(path);
@@ -197,6 +227,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (None, Some(fd)) => {
             let stream = inherited::unix_stream(fd)?;
             let shutdown = Shutdown::install()?;
+            sandbox::enter(args.sandbox, None).context("cannot enter the sandbox")?;
             daemon::serve_connection(stream, &shutdown, &options)?;
             Ok(())
         }

@@ -367,3 +367,42 @@ fn serves_an_inherited_listening_socket() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a listening socket"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The sandbox: under enforce a system call outside the allowlist kills the daemon (SIGSYS);
+/// under log and off it goes through. (Every other test runs the daemon under enforce, the
+/// default, through whole sessions.)
+#[test]
+fn the_sandbox_refuses_a_forbidden_system_call() {
+    use std::os::unix::process::ExitStatusExt;
+    let run = |mode: &str| {
+        Command::new(BIN)
+            .args(["--sandbox-selftest", "--sandbox", mode])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let enforced = run("enforce");
+    assert_eq!(
+        enforced.status.signal(),
+        Some(31),
+        "killed by SIGSYS: {enforced:?}"
+    );
+    assert!(
+        enforced.stdout.is_empty(),
+        "the forbidden call never returned"
+    );
+    for mode in ["log", "off"] {
+        let out = run(mode);
+        assert!(out.status.success(), "{mode}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("gave Ok("),
+            "{mode}: {out:?}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["--socket-path", "x.sock", "--sandbox", "strict"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a sandbox mode"));
+}

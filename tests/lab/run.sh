@@ -181,7 +181,7 @@ build_kernel() {
     t "kernel allnoconfig + tests/lab/kernel.config" logged kernel-config \
         "${km[@]}" KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig ||
         { tail_log kernel-config; error "kernel build failed: allnoconfig with tests/lab/kernel.config"; }
-    for sym in IOMMUFD ARM_SMMU_V3_IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI ACPI_TABLE_UPGRADE UNIX; do
+    for sym in IOMMUFD ARM_SMMU_V3_IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI ACPI_TABLE_UPGRADE UNIX SECCOMP_FILTER SECURITY_LANDLOCK; do
         grep -q "^CONFIG_$sym=y" "$build/.config" || error "kernel build failed: CONFIG_$sym is not set after allnoconfig with tests/lab/kernel.config"
     done
     t "kernel build (make -j$(($(nproc) + 1)) Image)" logged kernel-build "${km[@]}" -j"$(($(nproc) + 1))" Image ||

@@ -643,3 +643,32 @@ fn model_options_bound_what_a_frontend_may_configure() {
     drop(process);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// libvirt's way of starting a helper (as for vhost-user-gpu): a socketpair, the daemon gets
+/// one end as `--fd N`, QEMU the other. The whole Linux-like session runs over it, under the
+/// sandbox, and the daemon exits when its frontend goes.
+#[test]
+fn launched_the_libvirt_way_with_an_inherited_socketpair() {
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty()).unwrap();
+    let mut child = std::process::Command::new(backend_binary_built().unwrap())
+        .args([
+            "--fd",
+            &theirs.as_raw_fd().to_string(),
+            "--log-level",
+            "error",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let mut qemu = MockQemu::from_stream(ours);
+    let report = scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+    assert_eq!(report.events.len(), 2);
+    qemu.close().unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "exits cleanly after its frontend"
+    );
+}

@@ -535,6 +535,15 @@ fn main() -> ExitCode {
         Ok(()) => {}
         Err(e) => report("lab set-up", Err(e)),
     }
+    if failed > 0
+        && let Ok(log) = std::fs::read_to_string(BACKEND_LOG)
+    {
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        println!("backend log (last lines):");
+        for line in tail.iter().rev() {
+            println!("  {line}");
+        }
+    }
     println!("{passed} passed, {failed} failed");
     if failed == 0 && passed > 0 {
         ExitCode::SUCCESS
