@@ -53,7 +53,9 @@ struct Args {
     #[arg(long, value_name = "FDNUM")]
     listen_fd: Option<RawFd>,
 
-    /// Print the backend's capabilities as JSON on stdout and exit.
+    /// Print the backend's capabilities as JSON on stdout and exit: the protocol features it
+    /// offers and the model limits the other options set. Example: --print-capabilities
+    /// --max-oas-bits 44
     #[arg(long)]
     print_capabilities: bool,
 
