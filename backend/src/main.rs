@@ -192,6 +192,16 @@ fn limits(args: &Args) -> ModelLimits {
     limits
 }
 
+/// Where the daemon gets its frontends.
+enum Source<'a> {
+    /// `--socket-path`: a socket it bound itself.
+    Path(&'a Path, UnixListener),
+    /// `--listen-fd`: an inherited listening socket.
+    Listener(RawFd, UnixListener),
+    /// `--fd`: one inherited connection.
+    Connection(UnixStream),
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
@@ -206,35 +216,36 @@ fn run(args: &Args) -> anyhow::Result<()> {
         println!("sandbox self-test: socket(AF_INET) gave {outcome:?}");
         return Ok(());
     }
-    match (&args.socket_path, args.fd) {
-        (None, None) if args.listen_fd.is_some() => {
-            let fd = args.listen_fd.unwrap_or_default();
-            let listener = inherited::unix_listener(fd)?;
-            let shutdown = Shutdown::install()?;
-            sandbox::enter(args.sandbox, None).context("cannot enter the sandbox")?;
-            info!("accepting frontends on inherited fd {fd}");
-            daemon::serve_listener(&listener, &shutdown, &options)?;
-            Ok(())
-        }
-        (Some(path), None) => {
-            let listener = listen(path)?;
-            let shutdown = Shutdown::install()?;
-            sandbox::enter(args.sandbox, path.parent()).context("cannot enter the sandbox")?;
+    // Where frontends come from; the socket exists before the sandbox is entered.
+    let source = match (&args.socket_path, args.fd, args.listen_fd) {
+        (Some(path), None, None) => Source::Path(path, listen(path)?),
+        (None, Some(fd), None) => Source::Connection(inherited::unix_stream(fd)?),
+        (None, None, Some(fd)) => Source::Listener(fd, inherited::unix_listener(fd)?),
+        _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
+    };
+    let shutdown = Shutdown::install()?;
+    // The only file the daemon touches after this is its own socket file, removed at exit.
+    let socket_dir = match &source {
+        Source::Path(path, _) => path.parent(),
+        Source::Listener(..) | Source::Connection(_) => None,
+    };
+    sandbox::enter(args.sandbox, socket_dir).context("cannot enter the sandbox")?;
+    match source {
+        Source::Path(path, listener) => {
             info!("listening on {}", path.display());
             let result = daemon::serve_listener(&listener, &shutdown, &options);
             let _ = std::fs::remove_file(path);
             result?;
-            Ok(())
         }
-        (None, Some(fd)) => {
-            let stream = inherited::unix_stream(fd)?;
-            let shutdown = Shutdown::install()?;
-            sandbox::enter(args.sandbox, None).context("cannot enter the sandbox")?;
+        Source::Listener(fd, listener) => {
+            info!("accepting frontends on inherited fd {fd}");
+            daemon::serve_listener(&listener, &shutdown, &options)?;
+        }
+        Source::Connection(stream) => {
             daemon::serve_connection(stream, &shutdown, &options)?;
-            Ok(())
         }
-        _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
     }
+    Ok(())
 }
 
 /// Binds the listening socket, replacing a stale socket file nobody listens on.
