@@ -2,14 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use super::bits::{get32, prep};
+use super::bits::get32;
 use super::cmd::{CMDQ_SYNC_0_CS, CMDQ_SYNC_0_CS_NONE, CmdEnt, Command};
 use super::mem::{GuestRam, read_u32, write_qwords};
 use super::port::SmmuPort;
 use super::queue::LlQueue;
 use super::regs::{
     ARM_SMMU_CMDQ_CONS, ARM_SMMU_CMDQ_PROD, ARM_SMMU_GERROR, ARM_SMMU_GERRORN, CMDQ_CONS_ERR,
-    CMDQ_ENT_DWORDS, GERROR_CMDQ_ERR, Q_BASE_ADDR_MASK, Q_BASE_LOG2SIZE, Q_BASE_RWA,
+    CMDQ_ENT_DWORDS, GERROR_CMDQ_ERR,
 };
 use super::{DriverError, Result};
 
@@ -54,21 +54,18 @@ impl Cmdq {
 
     /// The CMDQ_BASE value Linux writes.
     pub fn q_base(&self) -> u64 {
-        Q_BASE_RWA
-            | (self.base & Q_BASE_ADDR_MASK)
-            | prep(Q_BASE_LOG2SIZE, u64::from(self.llq.shift))
+        self.llq.q_base(self.base)
     }
 
     /// Size in bytes.
     pub fn bytes(&self) -> u64 {
-        u64::from(self.llq.entries()).saturating_mul(CMDQ_ENT_DWORDS * 8)
+        self.llq.bytes(CMDQ_ENT_DWORDS)
     }
 
     /// `Q_ENT`: the address of the slot a PROD/CONS value points at.
     pub fn entry_addr(&self, p: u32) -> Result<u64> {
-        u64::from(self.llq.idx(p))
-            .checked_mul(CMDQ_ENT_DWORDS * 8)
-            .and_then(|off| self.base.checked_add(off))
+        self.llq
+            .entry_addr(self.base, p, CMDQ_ENT_DWORDS)
             .ok_or(DriverError::Overflow)
     }
 

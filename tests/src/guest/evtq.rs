@@ -4,11 +4,8 @@ use super::event::Event;
 use super::mem::{GuestRam, read_qwords};
 use super::port::SmmuPort;
 use super::queue::LlQueue;
-use super::regs::{
-    ARM_SMMU_EVTQ_CONS, ARM_SMMU_EVTQ_PROD, EVTQ_ENT_DWORDS, Q_BASE_ADDR_MASK, Q_BASE_LOG2SIZE,
-    Q_BASE_RWA,
-};
-use super::{DriverError, Result, bits::prep};
+use super::regs::{ARM_SMMU_EVTQ_CONS, ARM_SMMU_EVTQ_PROD, EVTQ_ENT_DWORDS};
+use super::{DriverError, Result};
 
 /// The event queue as the driver tracks it.
 #[derive(Debug, Clone)]
@@ -39,21 +36,18 @@ impl Evtq {
 
     /// The EVTQ_BASE value Linux writes (`q->q_base`).
     pub fn q_base(&self) -> u64 {
-        Q_BASE_RWA
-            | (self.base & Q_BASE_ADDR_MASK)
-            | prep(Q_BASE_LOG2SIZE, u64::from(self.llq.shift))
+        self.llq.q_base(self.base)
     }
 
     /// Size in bytes.
     pub fn bytes(&self) -> u64 {
-        u64::from(self.llq.entries()).saturating_mul(EVTQ_ENT_DWORDS * 8)
+        self.llq.bytes(EVTQ_ENT_DWORDS)
     }
 
     /// Address of the record a CONS value points at.
     pub fn entry_addr(&self, p: u32) -> Result<u64> {
-        u64::from(self.llq.idx(p))
-            .checked_mul(EVTQ_ENT_DWORDS * 8)
-            .and_then(|off| self.base.checked_add(off))
+        self.llq
+            .entry_addr(self.base, p, EVTQ_ENT_DWORDS)
             .ok_or(DriverError::Overflow)
     }
 

@@ -1,7 +1,8 @@
 //! Queue index arithmetic as Linux's `arm_smmu_ll_queue` helpers do it (`Q_IDX`, `Q_WRP`,
 //! `Q_OVF`, `queue_full`, `queue_empty`, `queue_has_space`, `queue_consumed`, `queue_inc_*`).
 
-use super::regs::Q_OVERFLOW_FLAG;
+use super::bits::prep;
+use super::regs::{Q_BASE_ADDR_MASK, Q_BASE_LOG2SIZE, Q_BASE_RWA, Q_OVERFLOW_FLAG};
 
 /// A queue of `2^shift` entries (`max_n_shift`), with producer and consumer values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,24 @@ impl LlQueue {
     /// Number of entries.
     pub fn entries(&self) -> u32 {
         self.wrap_bit()
+    }
+
+    /// The *_BASE register value Linux writes for a queue at `base` (`q->q_base`).
+    pub fn q_base(&self, base: u64) -> u64 {
+        Q_BASE_RWA | (base & Q_BASE_ADDR_MASK) | prep(Q_BASE_LOG2SIZE, u64::from(self.shift))
+    }
+
+    /// Size in bytes of a queue of `ent_dwords`-qword entries.
+    pub fn bytes(&self, ent_dwords: u64) -> u64 {
+        u64::from(self.entries()).saturating_mul(ent_dwords.saturating_mul(8))
+    }
+
+    /// `Q_ENT`: the address of the slot PROD/CONS value `p` points at, for a queue of
+    /// `ent_dwords`-qword entries at `base`.
+    pub fn entry_addr(&self, base: u64, p: u32, ent_dwords: u64) -> Option<u64> {
+        u64::from(self.idx(p))
+            .checked_mul(ent_dwords.checked_mul(8)?)
+            .and_then(|off| base.checked_add(off))
     }
 
     /// `Q_IDX`.
