@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# The viommu-user end-to-end test: boots an arm64 Linux 7.3 guest under QEMU (TCG, direct kernel
+# boot with a device tree) with an SMMUv3 and, behind it, a virtio-blk-pci disk and a
+# virtio-net-pci NIC (iommu_platform=on), then checks from inside the guest that the guest's
+# arm-smmu-v3 driver runs the vSMMU, that both devices sit in translated (DMA) IOMMU domains, that
+# disk reads return the right data, that MSIs arrive and that the NIC transmits and receives.
+# Host: Debian 12 (bookworm) x86_64; the kernel and busybox come from Debian's archive, as in
+# tests/lab/run.sh (whose unpacked linux-source and busybox it reuses when present).
+#
+# usage: QEMU=/path/to/qemu-system-aarch64 tests/e2e/qemu-guest.sh [--prepare-only]
+#   --prepare-only   install, download and build the guest kernel and initramfs (and the backend
+#                    in user mode), but do not boot the guest; QEMU need not be set
+# env:
+#   QEMU                  qemu-system-aarch64 to test (required). user mode needs QEMU 10.2 with
+#                         the qemu-patches/ series (-object viommu-user); inprocess mode any
+#                         QEMU >= 10.0 (before 10.1, whose arm-smmuv3 is not user-creatable, the
+#                         machine's iommu=smmuv3 stands in for -device arm-smmuv3)
+#   VIOMMU_E2E_SMMU       user (default): the SMMUv3 is a fresh viommu-backend reached over a
+#                         Unix socket; inprocess: QEMU's own emulated SMMUv3
+#   VIOMMU_BACKEND        viommu-backend binary for user mode (default: `cargo build --release
+#                         -p viommu-backend` in this repo, honouring CARGO_TARGET_DIR)
+#   VIOMMU_E2E_CACHE      cache dir outside the repo (default /var/cache/viommu-e2e)
+#   VIOMMU_LAB_CACHE      the lab's cache dir, whose unpacked packages are reused if present
+#                         (default /var/cache/viommu-lab-ci); it is only read
+#   VIOMMU_E2E_TIMEOUT    seconds QEMU may run (default 600)
+#   VIOMMU_E2E_DISK_MB    size of the test disk in MiB (default 64)
+#   RUST_LOG              passed on to viommu-backend (user mode) when set
+#
+# Output (stdout): `ok NAME` or `FAIL NAME: reason` per test, a summary line
+# `e2e: mode=M boot=B s (guest uptime U s) disk-read=R MB/s`, then a last line `N passed, M failed`.
+# Step timings as `TIME <s> s: <step>` on stderr. A missing prerequisite prints one line starting
+# with `SKIPPED:` (the machine cannot provide it) or `ERROR:` (something broke) and no result line.
+# Exit status: 0 all passed (N > 0, M = 0); 1 tests failed; 2 ERROR; 77 SKIPPED.
+# Tests, in the guest (tests/e2e/init): smmu-probe (the guest's arm-smmu-v3 driver runs the
+# SMMU), iommu-dma (both virtio devices in DMA domains behind it), disk-sha256, disk-read (O_DIRECT
+# throughput), virtio-net (TX and RX), msi (the virtio MSI-X vectors fired), smmu-events (no SMMU
+# event or gerror); on the host: shutdown (the guest finished and powered off), backend (user
+# mode: viommu-backend exits with status 0 on SIGTERM and did not panic).
+#
+# Cache layout ($VIOMMU_E2E_CACHE):
+#   kernel/<sha256(kernel.config + linux-source version)>/Image   guest kernel (+ .config)
+#   linux-source/<ver>/  busybox/<ver>/    unpacked Debian packages (unless the lab has them)
+#   logs/                step logs, the last guest console (console-<mode>.log), QEMU's stderr
+#                        (qemu-<mode>.log) and the backend's log (backend.log)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${VIOMMU_E2E_CACHE:-/var/cache/viommu-e2e}
+LAB_CACHE=${VIOMMU_LAB_CACHE:-/var/cache/viommu-lab-ci}
+TIMEOUT=${VIOMMU_E2E_TIMEOUT:-600}
+MODE=${VIOMMU_E2E_SMMU:-user}
+DISK_MB=${VIOMMU_E2E_DISK_MB:-64}
+LINUX_SOURCE=linux-source-7.3
+GUEST_TESTS=(smmu-probe iommu-dma disk-sha256 disk-read virtio-net msi smmu-events)
+
+PREPARE_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+    --prepare-only) PREPARE_ONLY=1 ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    *) echo "ERROR: unknown argument '$arg' (usage: $0 [--prepare-only])"; exit 2 ;;
+    esac
+done
+
+# ---- helpers (as in tests/lab/run.sh) ---------------------------------------------------------
+skip() { echo "SKIPPED: $*"; exit 77; }
+error() { echo "ERROR: $*"; exit 2; }
+note() { echo "e2e: $*" >&2; }
+T0=$EPOCHREALTIME
+since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+# t LABEL CMD...: run CMD, print `TIME <s> s: LABEL` on stderr, return CMD's status
+t() {
+    local label=$1 s=$EPOCHREALTIME rc=0
+    shift
+    "$@" || rc=$?
+    echo "TIME $(since "$s") s: $label" >&2
+    return "$rc"
+}
+# logged NAME CMD...: run CMD with its output in $LOGS/NAME.log
+logged() {
+    local name=$1
+    shift
+    "$@" >"$LOGS/$name.log" 2>&1
+}
+tail_log() { echo "---- last lines of $LOGS/$1.log ----"; tail -n "${2:-15}" "$LOGS/$1.log"; echo "----"; }
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+sha() { sha256sum | cut -c1-16; }
+safe() { printf '%s' "${1//[^A-Za-z0-9.+-]/_}"; }
+tmpdir() { mktemp -d "$CACHE/tmp.XXXXXX"; }   # all removed on exit (runs are serialized by a lock)
+candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }'; }
+
+# ---- 0. arguments, QEMU (fail fast, before anything expensive) -------------------------------
+case "$MODE" in
+user | inprocess) ;;
+*) error "VIOMMU_E2E_SMMU='$MODE' is neither user nor inprocess" ;;
+esac
+[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || error "VIOMMU_E2E_TIMEOUT='$TIMEOUT' is not a number of seconds"
+[[ $DISK_MB =~ ^[1-9][0-9]*$ ]] || error "VIOMMU_E2E_DISK_MB='$DISK_MB' is not a number of MiB"
+SMMU_DEVICE=1   # -device arm-smmuv3 (QEMU >= 10.1) rather than -M virt,iommu=smmuv3
+if [ "$PREPARE_ONLY" = 0 ]; then
+    [ -n "${QEMU:-}" ] || skip "QEMU is not set (set QEMU=/path/to/qemu-system-aarch64: for VIOMMU_E2E_SMMU=user a QEMU 10.2 built with the qemu-patches/ series, for VIOMMU_E2E_SMMU=inprocess any QEMU >= 10.0, e.g. Debian's qemu-system-arm from bookworm-backports: apt-get install -t bookworm-backports qemu-system-arm, QEMU=/usr/bin/qemu-system-aarch64)"
+    QEMU_PATH=$(command -v "$QEMU") || QEMU_PATH=""
+    [ -x "$QEMU_PATH" ] || skip "QEMU=$QEMU is not an executable"
+    QEMU=$QEMU_PATH
+    QEMU_VERSION=$("$QEMU" --version 2>/dev/null | head -n1) || error "'$QEMU --version' failed"
+    [[ $QEMU_VERSION =~ version\ ([0-9]+)\.([0-9]+) ]] || error "cannot parse the QEMU version from '$QEMU_VERSION'"
+    QEMU_MAJOR=${BASH_REMATCH[1]} QEMU_MINOR=${BASH_REMATCH[2]}
+    [ "$QEMU_MAJOR" -ge 10 ] || skip "QEMU too old: '$QEMU_VERSION' (the e2e test needs QEMU >= 10.0)"
+    [ "$QEMU_MAJOR" -gt 10 ] || [ "$QEMU_MINOR" -ge 1 ] || SMMU_DEVICE=0
+    if [ "$MODE" = user ]; then
+        [ "$SMMU_DEVICE" = 1 ] || skip "QEMU '$QEMU_VERSION' has no user-creatable arm-smmuv3 (QEMU >= 10.1) and so no viommu-user: user mode needs QEMU 10.2 with the qemu-patches/ series"
+        "$QEMU" -object help 2>/dev/null | grep -qx ' *viommu-user' ||
+            skip "QEMU '$QEMU_VERSION' ($QEMU) has no -object viommu-user: user mode needs QEMU 10.2 with the qemu-patches/ series"
+    elif [ "$SMMU_DEVICE" = 0 ]; then
+        note "QEMU $QEMU_MAJOR.$QEMU_MINOR < 10.1 has no -device arm-smmuv3: using -M virt,iommu=smmuv3 instead (inprocess mode only)"
+    fi
+    for dev in virtio-blk-pci virtio-net-pci; do
+        "$QEMU" -M virt -device help 2>/dev/null | grep -q "name \"$dev\"" || skip "QEMU ($QEMU) has no device $dev"
+    done
+    "$QEMU" -M none -netdev help 2>/dev/null | grep -qx dgram || skip "QEMU ($QEMU) has no -netdev dgram"
+fi
+
+# ---- 1. cache dir, host packages (installed only when missing) -------------------------------
+CACHE=$(realpath -m "$CACHE")
+case "$CACHE/" in "$(realpath "$REPO")/"*) error "VIOMMU_E2E_CACHE=$CACHE is inside the repo checkout; use a dir outside it" ;; esac
+mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set VIOMMU_E2E_CACHE)"
+LOGS=$CACHE/logs
+mkdir -p "$LOGS"
+exec 9>"$CACHE/.lock"
+if ! flock -n 9; then
+    note "waiting for another qemu-guest.sh holding $CACHE/.lock"
+    flock 9
+fi
+rm -rf "$CACHE"/tmp.*
+RUN=""
+QEMU_PID=""
+BACKEND_PID=""
+cleanup() {
+    # the QEMU pid is that of timeout(1), which passes the signal on to QEMU
+    [ -z "$QEMU_PID" ] || { kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null; } || true
+    [ -z "$BACKEND_PID" ] || { kill -KILL "$BACKEND_PID" 2>/dev/null && wait "$BACKEND_PID" 2>/dev/null; } || true
+    [ -z "$RUN" ] || rm -rf "$RUN"
+    rm -rf "$CACHE"/tmp.*
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+note "cache $CACHE"
+
+# shellcheck disable=SC1091
+OS=$(. /etc/os-release 2>/dev/null && echo "${ID:-}:${VERSION_CODENAME:-}")
+[ "$OS" = debian:bookworm ] || skip "host is '$OS', the e2e test needs Debian 12 (bookworm) with apt"
+export DEBIAN_FRONTEND=noninteractive
+APT_OFFLINE=""
+APT_UPDATED=0
+# apt_update: the lab's apt sources (trixie-backports has linux-source-7.3), arm64 as a foreign
+# architecture (busybox-static:arm64), then apt-get update; once per run, only when needed
+apt_update() {
+    [ "$APT_UPDATED" = 0 ] || return 0
+    APT_UPDATED=1
+    [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null || skip "not root and no password-less sudo: cannot install packages"
+    if [ ! -f /etc/apt/sources.list.d/viommu-lab.sources ]; then   # the same file as tests/lab/run.sh
+        local mirror
+        mirror=$(cat /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null |
+            grep -E '^(URIs:|deb )' | grep -oE '(https?|ftp)://[^ ]+' | grep -v security | head -n1 || true)
+        as_root tee /etc/apt/sources.list.d/viommu-lab.sources >/dev/null <<EOF
+Types: deb
+URIs: ${mirror:-http://deb.debian.org/debian}
+Suites: bookworm-backports trixie-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    fi
+    [ -f /etc/apt/preferences.d/viommu-lab ] ||
+        printf 'Package: *\nPin: release n=trixie-backports\nPin-Priority: 50\n' | as_root tee /etc/apt/preferences.d/viommu-lab >/dev/null
+    dpkg --print-foreign-architectures | grep -qx arm64 || as_root dpkg --add-architecture arm64
+    if ! t "apt-get update" logged apt-update as_root apt-get update; then
+        APT_OFFLINE=" (apt-get update failed: no network to the Debian archive?)"
+        note "WARNING: apt-get update failed; continuing with installed and cached packages"
+    fi
+}
+# the commands this script runs, each with the Debian package that has it
+HOST_TOOLS=(aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu make:make gcc:gcc flex:flex bison:bison bc:bc
+    cpio:cpio xz:xz-utils gzip:gzip openssl:openssl python3:python3 flock:util-linux timeout:coreutils)
+MISSING=()
+for tool in "${HOST_TOOLS[@]}"; do
+    command -v "${tool%%:*}" >/dev/null || MISSING+=("${tool#*:}")
+done
+if [ ${#MISSING[@]} -gt 0 ]; then
+    apt_update
+    t "apt-get install ${MISSING[*]}" logged apt-host as_root apt-get install -y -q --no-install-recommends "${MISSING[@]}" libc6-dev ||
+        { tail_log apt-host 5; skip "cannot install host packages ${MISSING[*]}$APT_OFFLINE"; }
+fi
+
+# version_of VAR PKG: VAR = the candidate version of PKG in the configured archive
+version_of() {
+    local v
+    v=$(candidate "$2")
+    if [[ -z $v || $v == "(none)" ]]; then
+        apt_update
+        v=$(candidate "$2")
+    fi
+    [[ -n $v && $v != "(none)" ]] || skip "package $2 is not available from the configured Debian archive$APT_OFFLINE"
+    printf -v "$1" '%s' "$v"
+}
+# unpack PKG VERSION DEST [HOOK]: download a Debian package and unpack it into DEST (once)
+unpack() {
+    local pkg=$1 ver=$2 dest=$3 hook=${4:-} tmp
+    [ -d "$dest" ] && return 0
+    tmp=$(tmpdir)
+    (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver") >"$LOGS/download-${pkg%%:*}.log" 2>&1 ||
+        { tail_log "download-${pkg%%:*}" 5; skip "cannot download $pkg=$ver from the Debian archive$APT_OFFLINE"; }
+    dpkg-deb -x "$tmp"/*.deb "$tmp/x" || error "cannot unpack $pkg=$ver"
+    [ -z "$hook" ] || "$hook" "$tmp/x" || error "cannot unpack $pkg=$ver"
+    mkdir -p "$(dirname "$dest")"
+    mv "$tmp/x" "$dest" || error "cannot move $pkg into $dest"
+    rm -rf "$tmp"
+}
+# unpacked VAR PKG VERSION KIND [HOOK]: VAR = the dir of PKG=VERSION unpacked: the lab's
+# ($LAB_CACHE/KIND/<ver>, only read) if it has it, else ours (unpacked once)
+unpacked() {
+    local var=$1 pkg=$2 ver=$3 kind=$4 hook=${5:-} dir
+    dir=$LAB_CACHE/$kind/$(safe "$ver")
+    if [ ! -d "$dir" ]; then
+        dir=$CACHE/$kind/$(safe "$ver")
+        t "unpack $pkg $ver" unpack "$pkg" "$ver" "$dir" "$hook"
+    fi
+    printf -v "$var" '%s' "$dir"
+}
+
+version_of BUSYBOX_VERSION busybox-static:arm64
+unpacked BUSYBOX_DIR busybox-static:arm64 "$BUSYBOX_VERSION" busybox
+BUSYBOX=$BUSYBOX_DIR/bin/busybox
+[ -x "$BUSYBOX" ] || error "no bin/busybox in busybox-static:arm64 $BUSYBOX_VERSION ($BUSYBOX_DIR)"
+
+# ---- 2. guest kernel, keyed by the config fragment and the linux-source version ---------------
+version_of LINUX_VERSION "$LINUX_SOURCE"
+FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the key and the build
+cp "$HERE/kernel.config" "$FRAGMENT"
+KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
+KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
+untar_linux() { tar xJf "$1/usr/src/$LINUX_SOURCE.tar.xz" -C "$1" && mv "$1/$LINUX_SOURCE" "$1.tree" && rm -rf "$1" && mv "$1.tree" "$1"; }
+# check_config CONFIG: every CONFIG_ line of the fragment holds in CONFIG (allnoconfig, like
+# olddefconfig, silently drops an option whose dependencies are not met)
+check_config() {
+    local line sym val bad=()
+    while IFS= read -r line; do
+        [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]] || continue
+        sym=${BASH_REMATCH[1]} val=${BASH_REMATCH[2]}
+        if [ "$val" = n ]; then
+            ! grep -q "^$sym=" "$1" || bad+=("$sym=n")
+        else
+            grep -qxF "$sym=$val" "$1" || bad+=("$sym=$val")
+        fi
+    done <"$FRAGMENT"
+    [ ${#bad[@]} -eq 0 ] || error "kernel build failed: not in the .config after allnoconfig with tests/e2e/kernel.config: ${bad[*]}"
+}
+build_kernel() {
+    local src build=$KERNEL_DIR.build
+    unpacked src "$LINUX_SOURCE" "$LINUX_VERSION" linux-source untar_linux
+    rm -rf "$build" "$KERNEL_DIR.tmp"
+    local km=(make -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
+    t "kernel allnoconfig + tests/e2e/kernel.config" logged kernel-config \
+        "${km[@]}" KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig ||
+        { tail_log kernel-config; error "kernel build failed: allnoconfig with tests/e2e/kernel.config"; }
+    check_config "$build/.config"
+    t "kernel build (make -j$(nproc) Image)" logged kernel-build "${km[@]}" -j"$(nproc)" Image ||
+        { tail_log kernel-build 25; error "kernel build failed ($LINUX_SOURCE $LINUX_VERSION; log $LOGS/kernel-build.log)"; }
+    mkdir -p "$KERNEL_DIR.tmp"
+    cp "$build/arch/arm64/boot/Image" "$build/.config" "$KERNEL_DIR.tmp/"
+    cp "$FRAGMENT" "$KERNEL_DIR.tmp/kernel.config"
+    echo "$LINUX_SOURCE $LINUX_VERSION" >"$KERNEL_DIR.tmp/version"
+    rm -rf "$KERNEL_DIR"
+    mv "$KERNEL_DIR.tmp" "$KERNEL_DIR"
+    rm -rf "$build"
+}
+if [ -f "$KERNEL_DIR/Image" ]; then
+    note "kernel cached: $KERNEL_DIR/Image"
+else
+    build_kernel
+fi
+IMAGE=$KERNEL_DIR/Image
+check_config "$KERNEL_DIR/.config"
+
+# ---- 3. viommu-backend (user mode) ------------------------------------------------------------
+BACKEND=""
+if [ "$MODE" = user ]; then
+    if [ -n "${VIOMMU_BACKEND:-}" ]; then
+        BACKEND=$(command -v "$VIOMMU_BACKEND") || BACKEND=""
+        [ -x "$BACKEND" ] || skip "VIOMMU_BACKEND=$VIOMMU_BACKEND is not an executable"
+    else
+        [ -d "$HOME/.cargo/bin" ] && PATH=$HOME/.cargo/bin:$PATH
+        command -v cargo >/dev/null || skip "no cargo on PATH to build viommu-backend (or set VIOMMU_BACKEND)"
+        TARGET_DIR=$(cd "$REPO" && cargo metadata --no-deps --format-version 1 2>/dev/null |
+            python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])') ||
+            error "cargo metadata failed for $REPO"
+        t "cargo build --release -p viommu-backend" logged cargo-backend \
+            env -C "$REPO" cargo build --release --locked -p viommu-backend --bin viommu-backend ||
+            { tail_log cargo-backend 25; error "cargo build of viommu-backend failed (log $LOGS/cargo-backend.log)"; }
+        BACKEND=$TARGET_DIR/release/viommu-backend
+        [ -x "$BACKEND" ] || error "no $BACKEND after cargo build"
+    fi
+    note "backend $BACKEND"
+fi
+
+# ---- 4. initramfs and the test disk -----------------------------------------------------------
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/viommu-e2e.XXXXXX")   # short: it holds the backend's socket
+mkdir -p "$RUN/root"/{bin,proc,sys,dev,tmp}
+cp "$BUSYBOX" "$RUN/root/bin/busybox"
+cp "$HERE/init" "$RUN/root/init"
+chmod 755 "$RUN/root/init"
+(cd "$RUN/root" && find . | cpio -o -H newc -R 0:0 --quiet | gzip -1) >"$RUN/initrd.cpio.gz"
+rm -rf "$RUN/root"
+# DISK_MB MiB of AES-128-CTR keystream under a fixed key: pseudo-random, never zero, reproducible
+DISK=$RUN/disk.img
+head -c $((DISK_MB << 20)) /dev/zero |
+    openssl enc -aes-128-ctr -nosalt -K 76696f6d6d752d6532652d6469736b30 -iv 00000000000000000000000000000000 >"$DISK" 2>"$LOGS/openssl.log" ||
+    { tail_log openssl 5; error "cannot create the test disk with openssl"; }
+[ "$(stat -c %s "$DISK")" = $((DISK_MB << 20)) ] || error "the test disk $DISK is not $DISK_MB MiB"
+DISK_SHA=$(sha256sum "$DISK" | cut -d' ' -f1)
+note "kernel key $KERNEL_KEY ($LINUX_SOURCE $LINUX_VERSION), disk sha256 $DISK_SHA"
+
+if [ "$PREPARE_ONLY" = 1 ]; then
+    echo "TIME $(since "$T0") s: total (prepare only)" >&2
+    echo "e2e: prepared: $IMAGE, busybox $BUSYBOX_VERSION${BACKEND:+, $BACKEND}"
+    exit 0
+fi
+
+# ---- 5. the backend, then the guest ----------------------------------------------------------
+PASSED=0
+FAILED=0
+pass() { echo "ok $1"; PASSED=$((PASSED + 1)); }
+fail() { echo "FAIL $1: $2"; FAILED=$((FAILED + 1)); }
+
+# shellcheck disable=SC2054  # the commas belong to QEMU option values
+QEMU_ARGS=(-accel tcg,thread=multi -cpu max,pauth-impdef=on -smp 2 -m 1G
+    -object memory-backend-memfd,id=mem0,size=1G,share=on
+    -nographic -no-reboot -nic none
+    -drive "file=$DISK,if=none,id=disk0,format=raw,readonly=on"
+    -device virtio-blk-pci,drive=disk0,iommu_platform=on,disable-legacy=on
+    # frames the guest sends come back to it: the datagram socket sends to itself
+    -netdev "dgram,id=net0,local.type=unix,local.path=$RUN/net.sock,remote.type=unix,remote.path=$RUN/net.sock"
+    -device virtio-net-pci,netdev=net0,mac=52:54:00:e2:e2:01,iommu_platform=on,disable-legacy=on,romfile=
+    -kernel "$IMAGE" -initrd "$RUN/initrd.cpio.gz"
+    -append "console=ttyAMA0 panic=-1 quiet iommu.passthrough=0 e2e.sha256=$DISK_SHA e2e.size=$((DISK_MB << 20))")
+# shellcheck disable=SC2054  # the commas belong to QEMU option values
+if [ "$MODE" = user ]; then
+    BACKEND_LOG=$LOGS/backend.log
+    "$BACKEND" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG" 2>&1 &
+    BACKEND_PID=$!
+    for _ in $(seq 100); do
+        if [ -S "$RUN/vsmmu.sock" ] || ! kill -0 "$BACKEND_PID" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
+        rc=0
+        wait "$BACKEND_PID" || rc=$?
+        BACKEND_PID=""
+        tail_log backend
+        error "viommu-backend exited with status $rc before QEMU started (log $BACKEND_LOG)"
+    fi
+    [ -S "$RUN/vsmmu.sock" ] || { tail_log backend; error "viommu-backend did not create $RUN/vsmmu.sock within 10 s (log $BACKEND_LOG)"; }
+    QEMU_ARGS+=(-chardev "socket,id=vsmmu0,path=$RUN/vsmmu.sock" -object viommu-user,id=vu0,chardev=vsmmu0
+        -M virt,gic-version=3,memory-backend=mem0
+        -device arm-smmuv3,primary-bus=pcie.0,id=smmuv3.0,viommu=vu0)
+elif [ "$SMMU_DEVICE" = 1 ]; then
+    QEMU_ARGS+=(-M virt,gic-version=3,memory-backend=mem0 -device arm-smmuv3,primary-bus=pcie.0,id=smmuv3.0)
+else
+    QEMU_ARGS+=(-M virt,gic-version=3,memory-backend=mem0,iommu=smmuv3)
+fi
+CONSOLE=$LOGS/console-$MODE.log
+QEMU_LOG=$LOGS/qemu-$MODE.log
+printf '%q ' "$QEMU" "${QEMU_ARGS[@]}" >"$QEMU_LOG"
+printf '\n' >>"$QEMU_LOG"
+note "$QEMU_VERSION, mode $MODE; console $CONSOLE"
+
+S=$EPOCHREALTIME
+timeout -k 10 "$TIMEOUT" "$QEMU" "${QEMU_ARGS[@]}" </dev/null >"$RUN/console.raw" 2>>"$QEMU_LOG" &
+QEMU_PID=$!
+BOOT=""
+while kill -0 "$QEMU_PID" 2>/dev/null; do
+    if grep -q '^E2E-INIT' "$RUN/console.raw"; then
+        BOOT=$(since "$S")
+        break
+    fi
+    sleep 0.05
+done
+QEMU_RC=0
+wait "$QEMU_PID" || QEMU_RC=$?
+QEMU_PID=""
+echo "TIME $(since "$S") s: guest (boot, tests, poweroff)" >&2
+tr -d '\r' <"$RUN/console.raw" >"$CONSOLE"
+
+# guest VAR MARKER: VAR = the rest of the console line starting with MARKER (the last one)
+guest() { printf -v "$1" '%s' "$(sed -n "s/^$2 *//p" "$CONSOLE" | tail -n1)"; }
+guest UPTIME 'E2E-INIT uptime='
+guest MBPS 'E2E-DISK-MBPS'
+why="QEMU exit status $QEMU_RC"
+[ "$QEMU_RC" != 124 ] || why="QEMU timed out after $TIMEOUT s"
+for name in "${GUEST_TESTS[@]}"; do
+    result=$(grep -E "^E2E-RESULT (ok|FAIL) $name(:|\$)" "$CONSOLE" | tail -n1 || true)
+    case "$result" in
+    "E2E-RESULT ok $name") pass "$name" ;;
+    "E2E-RESULT FAIL $name: "*) fail "$name" "${result#*: }" ;;
+    *)
+        if [ -z "$UPTIME" ]; then
+            fail "$name" "the guest did not reach its init ($why)"
+        else
+            fail "$name" "no result from the guest ($why)"
+        fi ;;
+    esac
+done
+if grep -q '^E2E-END' "$CONSOLE" && [ "$QEMU_RC" = 0 ]; then
+    pass shutdown
+else
+    fail shutdown "$(grep -q '^E2E-END' "$CONSOLE" && echo "the guest finished" || echo "the guest did not finish"), $why"
+fi
+
+if [ -n "$BACKEND_PID" ]; then
+    rc=""
+    if kill -0 "$BACKEND_PID" 2>/dev/null; then
+        kill -TERM "$BACKEND_PID"
+        for _ in $(seq 100); do
+            kill -0 "$BACKEND_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$BACKEND_PID" 2>/dev/null; then
+            kill -KILL "$BACKEND_PID" 2>/dev/null || true
+            rc=timeout
+        fi
+        status=0
+        wait "$BACKEND_PID" || status=$?
+        rc=${rc:-$status}
+        BACKEND_PID=""
+        if [ "$rc" = timeout ]; then
+            fail backend "viommu-backend did not exit within 10 s of SIGTERM (log $BACKEND_LOG)"
+        elif [ "$rc" != 0 ]; then
+            fail backend "viommu-backend exited with status $rc on SIGTERM (log $BACKEND_LOG)"
+        elif grep -q 'panicked' "$BACKEND_LOG"; then
+            fail backend "viommu-backend panicked (log $BACKEND_LOG)"
+        else
+            pass backend
+        fi
+    else
+        wait "$BACKEND_PID" || rc=$?
+        BACKEND_PID=""
+        fail backend "viommu-backend died during the run with status ${rc:-0} (log $BACKEND_LOG)"
+    fi
+fi
+
+if [ "$FAILED" != 0 ]; then
+    echo "---- guest console tail ($CONSOLE) ----"
+    tail -n 40 "$CONSOLE"
+    echo "---- QEMU stderr ($QEMU_LOG) ----"
+    tail -n 10 "$QEMU_LOG"
+    [ -z "$BACKEND" ] || { echo "---- backend log ($BACKEND_LOG) ----"; tail -n 15 "$BACKEND_LOG"; }
+    echo "----"
+fi
+echo "e2e: mode=$MODE boot=${BOOT:-?} s (guest uptime ${UPTIME:-?} s) disk-read=${MBPS:-?} MB/s"
+echo "TIME $(since "$T0") s: total" >&2
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ] && [ "$PASSED" -gt 0 ]
