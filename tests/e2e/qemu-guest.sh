@@ -35,7 +35,8 @@
 # SMMU), iommu-dma (both virtio devices in DMA domains behind it), disk-sha256, disk-read (O_DIRECT
 # throughput), virtio-net (TX and RX), msi (the virtio MSI-X vectors fired), smmu-events (no SMMU
 # event or gerror); on the host: shutdown (the guest finished and powered off), backend (user
-# mode: viommu-backend exits with status 0 on SIGTERM and did not panic).
+# mode: viommu-backend exits with status 0 on SIGTERM, did not panic, refused no message and
+# answered the devices' translations).
 #
 # Cache layout ($VIOMMU_E2E_CACHE):
 #   kernel/<sha256(kernel.config + linux-source version)>/Image   guest kernel (+ .config)
@@ -63,34 +64,10 @@ for arg in "$@"; do
     esac
 done
 
-# ---- helpers (as in tests/lab/run.sh) ---------------------------------------------------------
-skip() { echo "SKIPPED: $*"; exit 77; }
-error() { echo "ERROR: $*"; exit 2; }
+# ---- helpers (shared with tests/lab/run.sh) ---------------------------------------------
+# shellcheck source=tests/lib/common.sh
+source "$HERE/../lib/common.sh"
 note() { echo "e2e: $*" >&2; }
-T0=$EPOCHREALTIME
-since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-# t LABEL CMD...: run CMD, print `TIME <s> s: LABEL` on stderr, return CMD's status
-t() {
-    local label=$1 s=$EPOCHREALTIME rc=0
-    shift
-    "$@" || rc=$?
-    echo "TIME $(since "$s") s: $label" >&2
-    return "$rc"
-}
-# logged NAME CMD...: run CMD with its output in $LOGS/NAME.log
-logged() {
-    local name=$1
-    shift
-    "$@" >"$LOGS/$name.log" 2>&1
-}
-tail_log() { echo "---- last lines of $LOGS/$1.log ----"; tail -n "${2:-15}" "$LOGS/$1.log"; echo "----"; }
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
-}
-sha() { sha256sum | cut -c1-16; }
-safe() { printf '%s' "${1//[^A-Za-z0-9.+-]/_}"; }
-tmpdir() { mktemp -d "$CACHE/tmp.XXXXXX"; }   # all removed on exit (runs are serialized by a lock)
-candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }'; }
 
 # ---- 0. arguments, QEMU (fail fast, before anything expensive) -------------------------------
 case "$MODE" in
@@ -161,21 +138,7 @@ apt_update() {
     [ "$APT_UPDATED" = 0 ] || return 0
     APT_UPDATED=1
     [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null || skip "not root and no password-less sudo: cannot install packages"
-    if [ ! -f /etc/apt/sources.list.d/viommu-lab.sources ]; then   # the same file as tests/lab/run.sh
-        local mirror
-        mirror=$(cat /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null |
-            grep -E '^(URIs:|deb )' | grep -oE '(https?|ftp)://[^ ]+' | grep -v security | head -n1 || true)
-        as_root tee /etc/apt/sources.list.d/viommu-lab.sources >/dev/null <<EOF
-Types: deb
-URIs: ${mirror:-http://deb.debian.org/debian}
-Suites: bookworm-backports trixie-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    fi
-    [ -f /etc/apt/preferences.d/viommu-lab ] ||
-        printf 'Package: *\nPin: release n=trixie-backports\nPin-Priority: 50\n' | as_root tee /etc/apt/preferences.d/viommu-lab >/dev/null
-    dpkg --print-foreign-architectures | grep -qx arm64 || as_root dpkg --add-architecture arm64
+    lab_apt_sources
     if ! t "apt-get update" logged apt-update as_root apt-get update; then
         APT_OFFLINE=" (apt-get update failed: no network to the Debian archive?)"
         note "WARNING: apt-get update failed; continuing with installed and cached packages"
@@ -205,19 +168,6 @@ version_of() {
     [[ -n $v && $v != "(none)" ]] || skip "package $2 is not available from the configured Debian archive$APT_OFFLINE"
     printf -v "$1" '%s' "$v"
 }
-# unpack PKG VERSION DEST [HOOK]: download a Debian package and unpack it into DEST (once)
-unpack() {
-    local pkg=$1 ver=$2 dest=$3 hook=${4:-} tmp
-    [ -d "$dest" ] && return 0
-    tmp=$(tmpdir)
-    (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver") >"$LOGS/download-${pkg%%:*}.log" 2>&1 ||
-        { tail_log "download-${pkg%%:*}" 5; skip "cannot download $pkg=$ver from the Debian archive$APT_OFFLINE"; }
-    dpkg-deb -x "$tmp"/*.deb "$tmp/x" || error "cannot unpack $pkg=$ver"
-    [ -z "$hook" ] || "$hook" "$tmp/x" || error "cannot unpack $pkg=$ver"
-    mkdir -p "$(dirname "$dest")"
-    mv "$tmp/x" "$dest" || error "cannot move $pkg into $dest"
-    rm -rf "$tmp"
-}
 # unpacked VAR PKG VERSION KIND [HOOK]: VAR = the dir of PKG=VERSION unpacked: the lab's
 # ($LAB_CACHE/KIND/<ver>, only read) if it has it, else ours (unpacked once)
 unpacked() {
@@ -241,7 +191,6 @@ FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the k
 cp "$HERE/kernel.config" "$FRAGMENT"
 KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
 KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
-untar_linux() { tar xJf "$1/usr/src/$LINUX_SOURCE.tar.xz" -C "$1" && mv "$1/$LINUX_SOURCE" "$1.tree" && rm -rf "$1" && mv "$1.tree" "$1"; }
 # check_config CONFIG: every CONFIG_ line of the fragment holds in CONFIG (allnoconfig, like
 # olddefconfig, silently drops an option whose dependencies are not met)
 check_config() {
@@ -441,7 +390,17 @@ if [ -n "$BACKEND_PID" ]; then
         elif grep -q 'panicked' "$BACKEND_LOG"; then
             fail backend "viommu-backend panicked (log $BACKEND_LOG)"
         else
-            pass backend
+            # The devices' DMA really went through the daemon: the session's closing statistics
+            stats=$(grep -o 'session statistics: [0-9]* messages, [0-9]* refused, [0-9]* translations' "$BACKEND_LOG" | tail -n1 || true)
+            read -r messages refused translations < <(echo "$stats" | tr -cs '0-9' ' ' | sed 's/^ //')
+            if [ -z "$stats" ]; then
+                fail backend "no session statistics in the backend log (log $BACKEND_LOG)"
+            elif [ "${refused:-1}" != 0 ] || [ "${translations:-0}" = 0 ]; then
+                fail backend "the session refused $refused messages and answered $translations translations (log $BACKEND_LOG)"
+            else
+                echo "e2e: backend: $messages messages, $translations translations"
+                pass backend
+            fi
         fi
     else
         wait "$BACKEND_PID" || rc=$?

@@ -50,32 +50,8 @@ for arg in "$@"; do
 done
 
 # ---- helpers ---------------------------------------------------------------------------------
-skip() { echo "SKIPPED: $*"; exit 77; }
-error() { echo "ERROR: $*"; exit 2; }
-T0=$EPOCHREALTIME
-since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
-# t LABEL CMD...: run CMD, print `TIME <s> s: LABEL` on stderr, return CMD's status
-t() {
-    local label=$1 s=$EPOCHREALTIME rc=0
-    shift
-    "$@" || rc=$?
-    echo "TIME $(since "$s") s: $label" >&2
-    return "$rc"
-}
-# logged NAME CMD...: run CMD with its output in $LOGS/NAME.log
-logged() {
-    local name=$1
-    shift
-    "$@" >"$LOGS/$name.log" 2>&1
-}
-tail_log() { echo "---- last lines of $LOGS/$1.log ----"; tail -n "${2:-15}" "$LOGS/$1.log"; echo "----"; }
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
-}
-sha() { sha256sum | cut -c1-16; }
-safe() { printf '%s' "${1//[^A-Za-z0-9.+-]/_}"; }
-tmpdir() { mktemp -d "$CACHE/tmp.XXXXXX"; }   # all removed on exit (runs are serialized by a lock)
-candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }'; }
+# shellcheck source=tests/lib/common.sh
+source "$HERE/../lib/common.sh"
 
 # ---- 0. cache dir, toolchain (fail fast, before anything expensive) --------------------------
 CACHE=$(realpath -m "$CACHE")
@@ -105,20 +81,7 @@ RUSTC_VERSION=$(rustc --version | awk '{ print $2 }')
 OS=$(. /etc/os-release 2>/dev/null && echo "${ID:-}:${VERSION_CODENAME:-}")
 [ "$OS" = debian:bookworm ] || skip "host is '$OS', the lab needs Debian 12 (bookworm) with apt"
 [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null || skip "not root and no password-less sudo: cannot install packages"
-if [ ! -f /etc/apt/sources.list.d/viommu-lab.sources ]; then   # the same file as ../shared/lab/setup.sh
-    MIRROR=$(cat /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null |
-        grep -E '^(URIs:|deb )' | grep -oE '(https?|ftp)://[^ ]+' | grep -v security | head -n1 || true)
-    as_root tee /etc/apt/sources.list.d/viommu-lab.sources >/dev/null <<EOF
-Types: deb
-URIs: ${MIRROR:-http://deb.debian.org/debian}
-Suites: bookworm-backports trixie-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-fi
-[ -f /etc/apt/preferences.d/viommu-lab ] ||
-    printf 'Package: *\nPin: release n=trixie-backports\nPin-Priority: 50\n' | as_root tee /etc/apt/preferences.d/viommu-lab >/dev/null
-dpkg --print-foreign-architectures | grep -qx arm64 || as_root dpkg --add-architecture arm64
+lab_apt_sources
 APT_OFFLINE=""
 if ! t "apt-get update" logged apt-update as_root apt-get update; then
     APT_OFFLINE=" (apt-get update failed: no network to the Debian archive?)"
@@ -139,19 +102,6 @@ QEMU_VERSION=$(qemu-system-aarch64 --version | head -n1)
 [ -f "$EFI_FW" ] || skip "UEFI firmware $EFI_FW missing (package qemu-efi-aarch64)"
 echo "lab: $QEMU_VERSION; rustc $RUSTC_VERSION" >&2
 
-# unpack PKG VERSION DEST [HOOK]: download a Debian package and unpack it into DEST (once)
-unpack() {
-    local pkg=$1 ver=$2 dest=$3 hook=${4:-} tmp
-    [ -d "$dest" ] && return 0
-    tmp=$(tmpdir)
-    (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$pkg=$ver") >"$LOGS/download-${pkg%%:*}.log" 2>&1 ||
-        { tail_log "download-${pkg%%:*}" 5; skip "cannot download $pkg=$ver from the Debian archive$APT_OFFLINE"; }
-    dpkg-deb -x "$tmp"/*.deb "$tmp/x" || error "cannot unpack $pkg=$ver"
-    [ -z "$hook" ] || "$hook" "$tmp/x" || error "cannot unpack $pkg=$ver"
-    mkdir -p "$(dirname "$dest")"
-    mv "$tmp/x" "$dest" || error "cannot move $pkg into $dest"
-    rm -rf "$tmp"
-}
 # version_of VAR PKG: VAR = the candidate version of PKG in the configured archive
 version_of() {
     local v
@@ -171,7 +121,6 @@ FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the k
 cp "$HERE/kernel.config" "$FRAGMENT"
 KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
 KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
-untar_linux() { tar xJf "$1/usr/src/$LINUX_SOURCE.tar.xz" -C "$1" && mv "$1/$LINUX_SOURCE" "$1.tree" && rm -rf "$1" && mv "$1.tree" "$1"; }
 build_kernel() {
     local src build=$KERNEL_DIR.build sym
     src=$CACHE/linux-source/$(safe "$LINUX_VERSION")
