@@ -34,9 +34,11 @@
 # Tests, in the guest (tests/e2e/init): smmu-probe (the guest's arm-smmu-v3 driver runs the
 # SMMU), iommu-dma (both virtio devices in DMA domains behind it), disk-sha256, disk-read (O_DIRECT
 # throughput), virtio-net (TX and RX), msi (the virtio MSI-X vectors fired), smmu-events (no SMMU
-# event or gerror); on the host: shutdown (the guest finished and powered off), backend (user
-# mode: viommu-backend exits with status 0 on SIGTERM, did not panic, refused no message and
-# answered the devices' translations).
+# event or gerror), backend-restart (user mode: the guest keeps reading the disk while the host
+# stops the VM, restarts viommu-backend, waits for QEMU to reconnect and the new backend to
+# restore the vSMMU's state, and continues the VM); on the host: shutdown (the guest finished and
+# powered off), backend (user mode: viommu-backend exits with status 0 on SIGTERM, did not panic,
+# refused no message and answered the devices' translations).
 #
 # Cache layout ($VIOMMU_E2E_CACHE):
 #   kernel/<sha256(kernel.config + linux-source version)>/Image   guest kernel (+ .config)
@@ -283,6 +285,14 @@ FAILED=0
 pass() { echo "ok $1"; PASSED=$((PASSED + 1)); }
 fail() { echo "FAIL $1: $2"; FAILED=$((FAILED + 1)); }
 
+RESTART_ARGS=""
+if [ "$MODE" = user ]; then
+    # the backend-restart test: the guest reads the disk's first 8 MiB RESTART_LOOPS times while
+    # the host stops the VM, restarts viommu-backend and lets QEMU put the vSMMU back
+    RESTART_LOOPS=12
+    RESTART_ARGS=" e2e.restart=$RESTART_LOOPS e2e.sha8=$(head -c $((8 << 20)) "$DISK" | sha256sum | cut -d' ' -f1)"
+    GUEST_TESTS+=(backend-restart)
+fi
 # shellcheck disable=SC2054  # the commas belong to QEMU option values
 QEMU_ARGS=(-accel tcg,thread=multi -cpu max,pauth-impdef=on -smp 2 -m 1G
     -object memory-backend-memfd,id=mem0,size=1G,share=on
@@ -293,7 +303,7 @@ QEMU_ARGS=(-accel tcg,thread=multi -cpu max,pauth-impdef=on -smp 2 -m 1G
     -netdev "dgram,id=net0,local.type=unix,local.path=$RUN/net.sock,remote.type=unix,remote.path=$RUN/net.sock"
     -device virtio-net-pci,netdev=net0,mac=52:54:00:e2:e2:01,iommu_platform=on,disable-legacy=on,romfile=
     -kernel "$IMAGE" -initrd "$RUN/initrd.cpio.gz"
-    -append "console=ttyAMA0 panic=-1 quiet iommu.passthrough=0 e2e.sha256=$DISK_SHA e2e.size=$((DISK_MB << 20))")
+    -append "console=ttyAMA0 panic=-1 quiet iommu.passthrough=0 e2e.sha256=$DISK_SHA e2e.size=$((DISK_MB << 20))$RESTART_ARGS")
 # shellcheck disable=SC2054  # the commas belong to QEMU option values
 if [ "$MODE" = user ]; then
     BACKEND_LOG=$LOGS/backend.log
@@ -311,7 +321,8 @@ if [ "$MODE" = user ]; then
         error "viommu-backend exited with status $rc before QEMU started (log $BACKEND_LOG)"
     fi
     [ -S "$RUN/vsmmu.sock" ] || { tail_log backend; error "viommu-backend did not create $RUN/vsmmu.sock within 10 s (log $BACKEND_LOG)"; }
-    QEMU_ARGS+=(-chardev "socket,id=vsmmu0,path=$RUN/vsmmu.sock" -object viommu-user,id=vu0,chardev=vsmmu0
+    QEMU_ARGS+=(-chardev "socket,id=vsmmu0,path=$RUN/vsmmu.sock,reconnect-ms=100"
+        -object viommu-user,id=vu0,chardev=vsmmu0 -qmp "unix:$RUN/qmp.sock,server=on,wait=off"
         -M virt,gic-version=3,memory-backend=mem0
         -device arm-smmuv3,primary-bus=pcie.0,id=smmuv3.0,viommu=vu0)
 elif [ "$SMMU_DEVICE" = 1 ]; then
@@ -336,6 +347,60 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
     fi
     sleep 0.05
 done
+# qmp COMMAND: run a QMP command without arguments, print its "return" as JSON
+qmp() {
+    python3 - "$RUN/qmp.sock" "$1" <<'EOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+json.loads(f.readline())
+for cmd in ("qmp_capabilities", sys.argv[2]):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "return" in msg or "error" in msg:
+            break
+print(json.dumps(msg.get("return", msg)))
+EOF
+}
+# wait_line SECONDS PATTERN FILE: wait up to SECONDS for a line matching PATTERN in FILE
+wait_line() {
+    local end=$((SECONDS + $1))
+    while [ "$SECONDS" -lt "$end" ]; do
+        grep -q -- "$2" "$3" 2>/dev/null && return 0
+        kill -0 "$QEMU_PID" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+# restart_backend: at the guest's third read, stop the VM (QEMU takes the vSMMU's state), stop
+# viommu-backend, start a new one on the same socket, wait until QEMU has reconnected and the new
+# backend restored the state, then let the VM run on; RESTART says what happened
+restart_backend() {
+    local status
+    wait_line 120 '^E2E-LOOP 3 ' "$RUN/console.raw" || { RESTART="the guest never reached its third read"; return; }
+    [ "$(qmp stop)" = "{}" ] || { RESTART="QMP stop failed"; return; }
+    kill -TERM "$BACKEND_PID"
+    wait "$BACKEND_PID" || { RESTART="the first viommu-backend exited with status $? on SIGTERM"; BACKEND_PID=""; return; }
+    BACKEND_PID=""
+    AT_RESTART=$(grep -c '^E2E-LOOP ' "$RUN/console.raw")
+    "$BACKEND" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG.2" 2>&1 &
+    BACKEND_PID=$!
+    BACKEND_LOG=$BACKEND_LOG.2
+    wait_line 30 'state restored' "$BACKEND_LOG" || { RESTART="the new viommu-backend did not restore the state (log $BACKEND_LOG)"; return; }
+    sleep 0.5   # QEMU attaches passthrough devices after SET_STATE: none here
+    status=$(qmp query-status)
+    [[ $status == *'"status": "paused"'* ]] || { RESTART="the VM was not left paused across the restart: $status"; return; }
+    [ "$(qmp cont)" = "{}" ] || { RESTART="QMP cont failed"; return; }
+    RESTART=ok
+}
+RESTART=""
+AT_RESTART=0
+if [ "$MODE" = user ] && [ -n "$BOOT" ]; then
+    restart_backend
+fi
 QEMU_RC=0
 wait "$QEMU_PID" || QEMU_RC=$?
 QEMU_PID=""
@@ -350,6 +415,15 @@ why="QEMU exit status $QEMU_RC"
 [ "$QEMU_RC" != 124 ] || why="QEMU timed out after $TIMEOUT s"
 for name in "${GUEST_TESTS[@]}"; do
     result=$(grep -E "^E2E-RESULT (ok|FAIL) $name(:|\$)" "$CONSOLE" | tail -n1 || true)
+    if [ "$name" = backend-restart ] && [ "$result" = "E2E-RESULT ok $name" ]; then
+        if [ "$RESTART" != ok ]; then
+            result="E2E-RESULT FAIL $name: ${RESTART:-the restart did not happen}"
+        elif [ "$(grep -c '^E2E-LOOP ' "$CONSOLE")" -le "$AT_RESTART" ]; then
+            result="E2E-RESULT FAIL $name: no read after the restart"
+        else
+            note "backend restarted after the guest's read $AT_RESTART of $RESTART_LOOPS"
+        fi
+    fi
     case "$result" in
     "E2E-RESULT ok $name") pass "$name" ;;
     "E2E-RESULT FAIL $name: "*) fail "$name" "${result#*: }" ;;
@@ -392,10 +466,10 @@ if [ -n "$BACKEND_PID" ]; then
         else
             # The devices' DMA really went through the daemon: the session's closing statistics
             stats=$(grep -o 'session statistics: [0-9]* messages, [0-9]* refused, [0-9]* translations' "$BACKEND_LOG" | tail -n1 || true)
-            read -r messages refused translations < <(echo "$stats" | tr -cs '0-9' ' ' | sed 's/^ //')
-            if [ -z "$stats" ]; then
+            if ! [[ $stats =~ ([0-9]+)\ messages,\ ([0-9]+)\ refused,\ ([0-9]+)\ translations ]]; then
                 fail backend "no session statistics in the backend log (log $BACKEND_LOG)"
-            elif [ "${refused:-1}" != 0 ] || [ "${translations:-0}" = 0 ]; then
+            elif messages=${BASH_REMATCH[1]} refused=${BASH_REMATCH[2]} translations=${BASH_REMATCH[3]} &&
+                [ "$refused" != 0 ] || [ "$translations" = 0 ]; then
                 fail backend "the session refused $refused messages and answered $translations translations (log $BACKEND_LOG)"
             else
                 echo "e2e: backend: $messages messages, $translations translations"
