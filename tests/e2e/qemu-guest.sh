@@ -57,18 +57,10 @@ DISK_MB=${VIOMMU_E2E_DISK_MB:-64}
 LINUX_SOURCE=linux-source-7.3
 GUEST_TESTS=(smmu-probe iommu-dma disk-sha256 disk-read virtio-net msi smmu-events)
 
-PREPARE_ONLY=0
-for arg in "$@"; do
-    case "$arg" in
-    --prepare-only) PREPARE_ONLY=1 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "ERROR: unknown argument '$arg' (usage: $0 [--prepare-only])"; exit 2 ;;
-    esac
-done
-
-# ---- helpers (shared with tests/lab/run.sh) ---------------------------------------------
+# ---- arguments and the shared helpers -------------------------------------------------------
 # shellcheck source=tests/lib/common.sh
 source "$HERE/../lib/common.sh"
+prepare_only_args "$@"
 note() { echo "e2e: $*" >&2; }
 
 # ---- 0. arguments, QEMU (fail fast, before anything expensive) -------------------------------
@@ -189,51 +181,9 @@ BUSYBOX=$BUSYBOX_DIR/bin/busybox
 
 # ---- 2. guest kernel, keyed by the config fragment and the linux-source version ---------------
 version_of LINUX_VERSION "$LINUX_SOURCE"
-FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the key and the build
-cp "$HERE/kernel.config" "$FRAGMENT"
-KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
-KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
-# check_config CONFIG: every CONFIG_ line of the fragment holds in CONFIG (allnoconfig, like
-# olddefconfig, silently drops an option whose dependencies are not met)
-check_config() {
-    local line sym val bad=()
-    while IFS= read -r line; do
-        [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]] || continue
-        sym=${BASH_REMATCH[1]} val=${BASH_REMATCH[2]}
-        if [ "$val" = n ]; then
-            ! grep -q "^$sym=" "$1" || bad+=("$sym=n")
-        else
-            grep -qxF "$sym=$val" "$1" || bad+=("$sym=$val")
-        fi
-    done <"$FRAGMENT"
-    [ ${#bad[@]} -eq 0 ] || error "kernel build failed: not in the .config after allnoconfig with tests/e2e/kernel.config: ${bad[*]}"
-}
-build_kernel() {
-    local src build=$KERNEL_DIR.build
-    unpacked src "$LINUX_SOURCE" "$LINUX_VERSION" linux-source untar_linux
-    rm -rf "$build" "$KERNEL_DIR.tmp"
-    local km=(make -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
-    t "kernel allnoconfig + tests/e2e/kernel.config" logged kernel-config \
-        "${km[@]}" KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig ||
-        { tail_log kernel-config; error "kernel build failed: allnoconfig with tests/e2e/kernel.config"; }
-    check_config "$build/.config"
-    t "kernel build (make -j$(nproc) Image)" logged kernel-build "${km[@]}" -j"$(nproc)" Image ||
-        { tail_log kernel-build 25; error "kernel build failed ($LINUX_SOURCE $LINUX_VERSION; log $LOGS/kernel-build.log)"; }
-    mkdir -p "$KERNEL_DIR.tmp"
-    cp "$build/arch/arm64/boot/Image" "$build/.config" "$KERNEL_DIR.tmp/"
-    cp "$FRAGMENT" "$KERNEL_DIR.tmp/kernel.config"
-    echo "$LINUX_SOURCE $LINUX_VERSION" >"$KERNEL_DIR.tmp/version"
-    rm -rf "$KERNEL_DIR"
-    mv "$KERNEL_DIR.tmp" "$KERNEL_DIR"
-    rm -rf "$build"
-}
-if [ -f "$KERNEL_DIR/Image" ]; then
-    note "kernel cached: $KERNEL_DIR/Image"
-else
-    build_kernel
-fi
-IMAGE=$KERNEL_DIR/Image
-check_config "$KERNEL_DIR/.config"
+# linux_tree VAR: VAR = the unpacked linux source tree, the lab's if it has one
+linux_tree() { unpacked "$1" "$LINUX_SOURCE" "$LINUX_VERSION" linux-source untar_linux; }
+guest_kernel "$HERE/kernel.config" tests/e2e/kernel.config linux_tree
 
 # ---- 3. viommu-backend (user mode) ------------------------------------------------------------
 BACKEND=""

@@ -40,18 +40,11 @@ QEMU_ARGS=(-M virt,gic-version=3,iommu=smmuv3 -cpu max,pauth-impdef=on -smp 2 -m
     -accel tcg,thread=multi -bios "$EFI_FW" -device edu -nographic -no-reboot -nic none)
 KERNEL_APPEND="console=ttyAMA0 panic=-1 acpi=force"
 
-PREPARE_ONLY=0
-for arg in "$@"; do
-    case "$arg" in
-    --prepare-only) PREPARE_ONLY=1 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "ERROR: unknown argument '$arg' (usage: $0 [--prepare-only])"; exit 2 ;;
-    esac
-done
-
-# ---- helpers ---------------------------------------------------------------------------------
+# ---- arguments and the shared helpers -------------------------------------------------------
 # shellcheck source=tests/lib/common.sh
 source "$HERE/../lib/common.sh"
+prepare_only_args "$@"
+note() { echo "lab: $*" >&2; }
 
 # ---- 0. cache dir, toolchain (fail fast, before anything expensive) --------------------------
 CACHE=$(realpath -m "$CACHE")
@@ -117,38 +110,12 @@ t "busybox-static:arm64 $BUSYBOX_VERSION" unpack busybox-static:arm64 "$BUSYBOX_
 
 # ---- 2. guest kernel, keyed by the config fragment and the linux-source version ---------------
 version_of LINUX_VERSION "$LINUX_SOURCE"
-FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the key and the build
-cp "$HERE/kernel.config" "$FRAGMENT"
-KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
-KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
-build_kernel() {
-    local src build=$KERNEL_DIR.build sym
-    src=$CACHE/linux-source/$(safe "$LINUX_VERSION")
-    t "unpack $LINUX_SOURCE $LINUX_VERSION" unpack "$LINUX_SOURCE" "$LINUX_VERSION" "$src" untar_linux
-    rm -rf "$build" "$KERNEL_DIR.tmp"
-    local km=(make -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
-    t "kernel allnoconfig + tests/lab/kernel.config" logged kernel-config \
-        "${km[@]}" KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig ||
-        { tail_log kernel-config; error "kernel build failed: allnoconfig with tests/lab/kernel.config"; }
-    for sym in IOMMUFD ARM_SMMU_V3_IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI ACPI_TABLE_UPGRADE UNIX SECCOMP_FILTER SECURITY_LANDLOCK; do
-        grep -q "^CONFIG_$sym=y" "$build/.config" || error "kernel build failed: CONFIG_$sym is not set after allnoconfig with tests/lab/kernel.config"
-    done
-    t "kernel build (make -j$(($(nproc) + 1)) Image)" logged kernel-build "${km[@]}" -j"$(($(nproc) + 1))" Image ||
-        { tail_log kernel-build 25; error "kernel build failed ($LINUX_SOURCE $LINUX_VERSION; log $LOGS/kernel-build.log)"; }
-    mkdir -p "$KERNEL_DIR.tmp"
-    cp "$build/arch/arm64/boot/Image" "$build/.config" "$KERNEL_DIR.tmp/"
-    cp "$FRAGMENT" "$KERNEL_DIR.tmp/kernel.config"
-    echo "$LINUX_SOURCE $LINUX_VERSION" >"$KERNEL_DIR.tmp/version"
-    rm -rf "$KERNEL_DIR"
-    mv "$KERNEL_DIR.tmp" "$KERNEL_DIR"
-    rm -rf "$build"
+# linux_tree VAR: VAR = the unpacked linux source tree (unpacked once, in the cache)
+linux_tree() {
+    printf -v "$1" '%s' "$CACHE/linux-source/$(safe "$LINUX_VERSION")"
+    t "unpack $LINUX_SOURCE $LINUX_VERSION" unpack "$LINUX_SOURCE" "$LINUX_VERSION" "${!1}" untar_linux
 }
-if [ -f "$KERNEL_DIR/Image" ]; then
-    echo "lab: kernel cached: $KERNEL_DIR/Image" >&2
-else
-    build_kernel
-fi
-IMAGE=$KERNEL_DIR/Image
+guest_kernel "$HERE/kernel.config" tests/lab/kernel.config linux_tree
 
 # ---- 3. Rust std from rust-src, cross-build of the binaries -----------------------------------
 RUST_SRC_DIR=$CACHE/rust-src/$(safe "$RUST_SRC_VERSION")

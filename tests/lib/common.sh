@@ -1,9 +1,25 @@
 # Shell helpers shared by the kernel lab (tests/lab/run.sh) and the end-to-end guest test
 # (tests/e2e/qemu-guest.sh). Sourced, not run: the caller sets CACHE and LOGS before using
 # logged, tail_log, tmpdir and unpack, APT_OFFLINE (a note for skip messages, may be empty) before
-# unpack, and LINUX_SOURCE (the Debian package name, linux-source-X.Y) before untar_linux.
+# unpack, LINUX_SOURCE (the Debian package name, linux-source-X.Y) before untar_linux, and also
+# LINUX_VERSION and a note function before guest_kernel.
 # shellcheck shell=bash
 
+# prepare_only_args ARGS...: PREPARE_ONLY=1 with --prepare-only; --help prints the calling
+# script's header comment
+prepare_only_args() {
+    # shellcheck disable=SC2034  # read by the caller
+    PREPARE_ONLY=0
+    local arg
+    for arg in "$@"; do
+        # shellcheck disable=SC2034  # PREPARE_ONLY is read by the caller
+        case "$arg" in
+        --prepare-only) PREPARE_ONLY=1 ;;
+        -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "ERROR: unknown argument '$arg' (usage: $0 [--prepare-only])"; exit 2 ;;
+        esac
+    done
+}
 skip() { echo "SKIPPED: $*"; exit 77; }
 error() { echo "ERROR: $*"; exit 2; }
 # shellcheck disable=SC2034  # the callers report their total time since T0
@@ -67,4 +83,56 @@ EOF
     [ -f /etc/apt/preferences.d/viommu-lab ] ||
         printf 'Package: *\nPin: release n=trixie-backports\nPin-Priority: 50\n' | as_root tee /etc/apt/preferences.d/viommu-lab >/dev/null
     dpkg --print-foreign-architectures | grep -qx arm64 || as_root dpkg --add-architecture arm64
+}
+
+# check_config FRAGMENT CONFIG NAME: every CONFIG_ line of FRAGMENT (called NAME in messages)
+# holds in CONFIG; allnoconfig, like olddefconfig, silently drops an option whose dependencies
+# are not met
+check_config() {
+    local line sym val bad=()
+    while IFS= read -r line; do
+        [[ $line =~ ^(CONFIG_[A-Za-z0-9_]+)=(.*)$ ]] || continue
+        sym=${BASH_REMATCH[1]} val=${BASH_REMATCH[2]}
+        if [ "$val" = n ]; then
+            ! grep -q "^$sym=" "$2" || bad+=("$sym=n")
+        else
+            grep -qxF "$sym=$val" "$2" || bad+=("$sym=$val")
+        fi
+    done <"$1"
+    [ ${#bad[@]} -eq 0 ] || error "kernel build failed: not in the .config after allnoconfig with $3: ${bad[*]}"
+}
+
+# guest_kernel FRAGMENT NAME TREE_FN: the arm64 guest kernel of allnoconfig + FRAGMENT (NAME in
+# messages), built from the tree TREE_FN VAR unpacks (LINUX_SOURCE at LINUX_VERSION) and cached
+# in $CACHE/kernel/<sha256 of the fragment and the source version>; sets KERNEL_KEY, KERNEL_DIR
+# and IMAGE. Uses note, which the caller defines.
+guest_kernel() {
+    local name=$2 tree_fn=$3 src build
+    FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the key and the build
+    cp "$1" "$FRAGMENT"
+    KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
+    KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
+    IMAGE=$KERNEL_DIR/Image
+    if [ -f "$IMAGE" ]; then
+        note "kernel cached: $IMAGE"
+        check_config "$FRAGMENT" "$KERNEL_DIR/.config" "$name"
+        return
+    fi
+    "$tree_fn" src
+    build=$KERNEL_DIR.build
+    rm -rf "$build" "$KERNEL_DIR.tmp"
+    local km=(make -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-)
+    t "kernel allnoconfig + $name" logged kernel-config "${km[@]}" KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig ||
+        { tail_log kernel-config; error "kernel build failed: allnoconfig with $name"; }
+    check_config "$FRAGMENT" "$build/.config" "$name"
+    t "kernel build (make -j$(($(nproc) + 1)) Image)" logged kernel-build "${km[@]}" -j"$(($(nproc) + 1))" Image ||
+        { tail_log kernel-build 25; error "kernel build failed ($LINUX_SOURCE $LINUX_VERSION; log $LOGS/kernel-build.log)"; }
+    mkdir -p "$KERNEL_DIR.tmp"
+    cp "$build/arch/arm64/boot/Image" "$build/.config" "$KERNEL_DIR.tmp/"
+    cp "$FRAGMENT" "$KERNEL_DIR.tmp/kernel.config"
+    echo "$LINUX_SOURCE $LINUX_VERSION" >"$KERNEL_DIR.tmp/version"
+    rm -rf "$KERNEL_DIR"
+    mv "$KERNEL_DIR.tmp" "$KERNEL_DIR"
+    rm -rf "$build"
+    note "kernel built: $IMAGE"
 }
