@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::host::uapi;
+
 use landlock::{
     ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr,
@@ -46,11 +48,18 @@ pub enum SandboxError {
     SeccompBackend(#[source] seccompiler::BackendError),
 }
 
-/// The iommufd and VFIO requests the backend issues (`host::iommufd`): IOMMU_DESTROY,
-/// IOMMU_HWPT_ALLOC, IOMMU_GET_HW_INFO, IOMMU_HWPT_INVALIDATE, IOMMU_VIOMMU_ALLOC,
-/// IOMMU_VDEVICE_ALLOC, IOMMU_VEVENTQ_ALLOC and VFIO_DEVICE_ATTACH_IOMMUFD_PT.
+/// The iommufd and VFIO requests the backend issues (`host::iommufd`).
+// `c_ulong` is `u64` on the 64-bit targets the seccomp filter supports; the casts say so.
+#[allow(clippy::unnecessary_cast)]
 pub const ALLOWED_IOCTLS: [u64; 8] = [
-    0x3b80, 0x3b89, 0x3b8a, 0x3b8d, 0x3b90, 0x3b91, 0x3b93, 0x3b77,
+    uapi::IOMMU_DESTROY as u64,
+    uapi::IOMMU_HWPT_ALLOC as u64,
+    uapi::IOMMU_GET_HW_INFO as u64,
+    uapi::IOMMU_HWPT_INVALIDATE as u64,
+    uapi::IOMMU_VIOMMU_ALLOC as u64,
+    uapi::IOMMU_VDEVICE_ALLOC as u64,
+    uapi::IOMMU_VEVENTQ_ALLOC as u64,
+    uapi::VFIO_DEVICE_ATTACH_IOMMUFD_PT as u64,
 ];
 
 /// PROT_EXEC, which no mapping of the daemon may have.

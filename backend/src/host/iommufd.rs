@@ -250,219 +250,17 @@ fn parse_vevents(mut buf: &[u8], out: &mut Vec<VEvent>) -> Result<(), String> {
     Ok(())
 }
 
-/// The uAPI structs and request numbers, and every unsafe line of this module.
+/// The calls of this module, and every unsafe line of it; the uAPI is in [`super::uapi`].
 mod sys {
-    use std::ffi::c_ulong;
-    use std::mem::size_of;
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
-    use vmm_sys_util::ioctl::{_IOC_NONE, ioctl_expr};
+    pub(super) use crate::host::uapi::*;
 
     use super::Errno;
-
-    /// `IOMMUFD_TYPE` (`';'`), also `VFIO_TYPE`.
-    pub(super) const IOMMUFD_TYPE: u32 = 0x3b;
-
-    /// `_IO(IOMMUFD_TYPE, nr)`: every iommufd and VFIO request has size 0 and no direction.
-    const fn io(nr: u32) -> c_ulong {
-        ioctl_expr(_IOC_NONE, IOMMUFD_TYPE, nr, 0)
-    }
-
-    pub(super) const IOMMU_DESTROY: c_ulong = io(0x80);
-    pub(super) const IOMMU_HWPT_ALLOC: c_ulong = io(0x89);
-    pub(super) const IOMMU_GET_HW_INFO: c_ulong = io(0x8a);
-    pub(super) const IOMMU_HWPT_INVALIDATE: c_ulong = io(0x8d);
-    pub(super) const IOMMU_VIOMMU_ALLOC: c_ulong = io(0x90);
-    pub(super) const IOMMU_VDEVICE_ALLOC: c_ulong = io(0x91);
-    pub(super) const IOMMU_VEVENTQ_ALLOC: c_ulong = io(0x93);
-    /// `VFIO_BASE + 19`.
-    pub(super) const VFIO_DEVICE_ATTACH_IOMMUFD_PT: c_ulong = io(100 + 19);
-    #[cfg(test)]
-    pub(super) const IOMMU_IOAS_ALLOC: c_ulong = io(0x81);
-
-    pub(super) const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
-    pub(super) const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
-    pub(super) const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
-    pub(super) const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
-    pub(super) const IOMMU_VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
-
-    /// The size of `T` as the `size`/`argsz`/`data_len`/`entry_len` field wants it.
-    const fn len32<T>() -> u32 {
-        assert!(size_of::<T>() <= u32::MAX as usize);
-        size_of::<T>() as u32
-    }
-
-    pub(super) const HW_INFO_ARM_SMMUV3_LEN: u32 = len32::<HwInfoArmSmmuv3>();
-
-    /// `struct iommu_destroy`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuDestroy {
-        pub size: u32,
-        pub id: u32,
-    }
-    const _: () = assert!(size_of::<IommuDestroy>() == 8);
-
-    /// `struct iommu_hw_info`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuHwInfo {
-        pub size: u32,
-        pub flags: u32,
-        pub dev_id: u32,
-        pub data_len: u32,
-        pub data_uptr: u64,
-        /// `in_data_type` / `out_data_type` (a union).
-        pub out_data_type: u32,
-        pub out_max_pasid_log2: u8,
-        pub reserved: [u8; 3],
-        pub out_capabilities: u64,
-    }
-    const _: () = assert!(size_of::<IommuHwInfo>() == 40);
-
-    /// `struct iommu_hw_info_arm_smmuv3`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct HwInfoArmSmmuv3 {
-        pub flags: u32,
-        pub reserved: u32,
-        pub idr: [u32; 6],
-        pub iidr: u32,
-        pub aidr: u32,
-    }
-    const _: () = assert!(size_of::<HwInfoArmSmmuv3>() == 40);
-
-    /// `struct iommu_viommu_alloc`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuViommuAlloc {
-        pub size: u32,
-        pub flags: u32,
-        pub type_: u32,
-        pub dev_id: u32,
-        pub hwpt_id: u32,
-        pub out_viommu_id: u32,
-        pub data_len: u32,
-        pub reserved: u32,
-        pub data_uptr: u64,
-    }
-    const _: () = assert!(size_of::<IommuViommuAlloc>() == 40);
-
-    /// `struct iommu_vdevice_alloc`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuVdeviceAlloc {
-        pub size: u32,
-        pub viommu_id: u32,
-        pub dev_id: u32,
-        pub out_vdevice_id: u32,
-        pub virt_id: u64,
-    }
-    const _: () = assert!(size_of::<IommuVdeviceAlloc>() == 24);
-
-    /// `struct iommu_hwpt_alloc`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuHwptAlloc {
-        pub size: u32,
-        pub flags: u32,
-        pub dev_id: u32,
-        pub pt_id: u32,
-        pub out_hwpt_id: u32,
-        pub reserved: u32,
-        pub data_type: u32,
-        pub data_len: u32,
-        pub data_uptr: u64,
-        pub fault_id: u32,
-        pub reserved2: u32,
-    }
-    const _: () = assert!(size_of::<IommuHwptAlloc>() == 48);
-
-    /// `struct iommu_hwpt_arm_smmuv3`: the vSTE words, little-endian.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct HwptArmSmmuv3 {
-        pub ste: [u64; 2],
-    }
-    const _: () = assert!(size_of::<HwptArmSmmuv3>() == 16);
-
-    /// `struct iommu_hwpt_invalidate`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuHwptInvalidate {
-        pub size: u32,
-        pub hwpt_id: u32,
-        pub data_uptr: u64,
-        pub data_type: u32,
-        pub entry_len: u32,
-        pub entry_num: u32,
-        pub reserved: u32,
-    }
-    const _: () = assert!(size_of::<IommuHwptInvalidate>() == 32);
-    /// `struct iommu_viommu_arm_smmuv3_invalidate { __le64 cmd[2]; }`.
-    const _: () = assert!(size_of::<[u64; 2]>() == 16);
-
-    /// `struct iommu_veventq_alloc`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuVeventqAlloc {
-        pub size: u32,
-        pub flags: u32,
-        pub viommu_id: u32,
-        pub type_: u32,
-        pub veventq_depth: u32,
-        pub out_veventq_id: u32,
-        pub out_veventq_fd: u32,
-        pub reserved: u32,
-    }
-    const _: () = assert!(size_of::<IommuVeventqAlloc>() == 32);
-
-    /// `struct vfio_device_attach_iommufd_pt`.
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct VfioDeviceAttachIommufdPt {
-        pub argsz: u32,
-        pub flags: u32,
-        pub pt_id: u32,
-        pub pasid: u32,
-    }
-    const _: () = assert!(size_of::<VfioDeviceAttachIommufdPt>() == 16);
-
-    /// `struct iommu_ioas_alloc`.
-    #[cfg(test)]
-    #[repr(C)]
-    #[derive(Debug, Default)]
-    pub(super) struct IommuIoasAlloc {
-        pub size: u32,
-        pub flags: u32,
-        pub out_ioas_id: u32,
-    }
-    #[cfg(test)]
-    const _: () = assert!(size_of::<IommuIoasAlloc>() == 12);
 
     /// A user pointer field.
     fn uptr<T: ?Sized>(p: *const T) -> u64 {
         p.cast::<u8>() as usize as u64
-    }
-
-    /// ioctl(2) with `arg` as the argument.
-    ///
-    /// # Safety
-    ///
-    /// `T` must be the `#[repr(C)]` struct that `request` takes, and every user pointer in
-    /// `arg` must be valid, for the length stated next to it, for the kernel to read (and
-    /// write, for outputs) during the call. The kernel touches no memory but `arg` and those.
-    unsafe fn ioctl<T>(fd: BorrowedFd<'_>, request: c_ulong, arg: &mut T) -> Result<(), Errno> {
-        // SAFETY: `arg` is a live, exclusive, properly sized reference to the struct the request
-        // takes, and the pointers inside it are valid (this function's contract). `fd` is a
-        // borrowed, open fd. A file of another kind does not know the request (';' is the
-        // iommufd/VFIO ioctl type) and fails with ENOTTY without touching memory.
-        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&fd, request, arg) };
-        if ret < 0 { Err(last_errno()) } else { Ok(()) }
-    }
-
-    fn last_errno() -> Errno {
-        Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)
     }
 
     /// IOMMU_GET_HW_INFO into `data`. Returns the struct as the kernel wrote it back.
@@ -646,99 +444,12 @@ mod sys {
 
 #[cfg(test)]
 mod tests {
-    use std::mem::{offset_of, size_of};
-
     use super::sys::*;
     use super::*;
 
     fn memfd() -> OwnedFd {
         rustix::fs::memfd_create("viommu-iommufd-test", rustix::fs::MemfdFlags::CLOEXEC)
             .expect("memfd_create")
-    }
-
-    #[test]
-    fn request_numbers_match_the_reference() {
-        assert_eq!(IOMMU_DESTROY, 0x3b80);
-        assert_eq!(IOMMU_IOAS_ALLOC, 0x3b81);
-        assert_eq!(IOMMU_HWPT_ALLOC, 0x3b89);
-        assert_eq!(IOMMU_GET_HW_INFO, 0x3b8a);
-        assert_eq!(IOMMU_HWPT_INVALIDATE, 0x3b8d);
-        assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
-        assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
-        assert_eq!(IOMMU_VEVENTQ_ALLOC, 0x3b93);
-        assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, 0x3b77);
-        // The same through vmm-sys-util's _IO macro.
-        vmm_sys_util::ioctl_io_nr!(DESTROY_NR, IOMMUFD_TYPE, 0x80);
-        assert_eq!(IOMMU_DESTROY, DESTROY_NR());
-    }
-
-    #[test]
-    fn struct_layouts_match_the_reference() {
-        assert_eq!(size_of::<IommuDestroy>(), 8);
-        assert_eq!(offset_of!(IommuDestroy, id), 4);
-
-        assert_eq!(size_of::<IommuHwInfo>(), 40);
-        assert_eq!(offset_of!(IommuHwInfo, dev_id), 8);
-        assert_eq!(offset_of!(IommuHwInfo, data_len), 12);
-        assert_eq!(offset_of!(IommuHwInfo, data_uptr), 16);
-        assert_eq!(offset_of!(IommuHwInfo, out_data_type), 24);
-        assert_eq!(offset_of!(IommuHwInfo, out_max_pasid_log2), 28);
-        assert_eq!(offset_of!(IommuHwInfo, out_capabilities), 32);
-
-        assert_eq!(size_of::<HwInfoArmSmmuv3>(), 40);
-        assert_eq!(offset_of!(HwInfoArmSmmuv3, idr), 8);
-        assert_eq!(offset_of!(HwInfoArmSmmuv3, iidr), 32);
-        assert_eq!(offset_of!(HwInfoArmSmmuv3, aidr), 36);
-
-        assert_eq!(size_of::<IommuViommuAlloc>(), 40);
-        assert_eq!(offset_of!(IommuViommuAlloc, type_), 8);
-        assert_eq!(offset_of!(IommuViommuAlloc, dev_id), 12);
-        assert_eq!(offset_of!(IommuViommuAlloc, hwpt_id), 16);
-        assert_eq!(offset_of!(IommuViommuAlloc, out_viommu_id), 20);
-        assert_eq!(offset_of!(IommuViommuAlloc, data_len), 24);
-        assert_eq!(offset_of!(IommuViommuAlloc, data_uptr), 32);
-
-        assert_eq!(size_of::<IommuVdeviceAlloc>(), 24);
-        assert_eq!(offset_of!(IommuVdeviceAlloc, viommu_id), 4);
-        assert_eq!(offset_of!(IommuVdeviceAlloc, dev_id), 8);
-        assert_eq!(offset_of!(IommuVdeviceAlloc, out_vdevice_id), 12);
-        assert_eq!(offset_of!(IommuVdeviceAlloc, virt_id), 16);
-
-        assert_eq!(size_of::<IommuHwptAlloc>(), 48);
-        assert_eq!(offset_of!(IommuHwptAlloc, flags), 4);
-        assert_eq!(offset_of!(IommuHwptAlloc, dev_id), 8);
-        assert_eq!(offset_of!(IommuHwptAlloc, pt_id), 12);
-        assert_eq!(offset_of!(IommuHwptAlloc, out_hwpt_id), 16);
-        assert_eq!(offset_of!(IommuHwptAlloc, reserved), 20);
-        assert_eq!(offset_of!(IommuHwptAlloc, data_type), 24);
-        assert_eq!(offset_of!(IommuHwptAlloc, data_len), 28);
-        assert_eq!(offset_of!(IommuHwptAlloc, data_uptr), 32);
-        assert_eq!(offset_of!(IommuHwptAlloc, fault_id), 40);
-        assert_eq!(offset_of!(IommuHwptAlloc, reserved2), 44);
-        assert_eq!(size_of::<HwptArmSmmuv3>(), 16);
-
-        assert_eq!(size_of::<IommuHwptInvalidate>(), 32);
-        assert_eq!(offset_of!(IommuHwptInvalidate, hwpt_id), 4);
-        assert_eq!(offset_of!(IommuHwptInvalidate, data_uptr), 8);
-        assert_eq!(offset_of!(IommuHwptInvalidate, data_type), 16);
-        assert_eq!(offset_of!(IommuHwptInvalidate, entry_len), 20);
-        assert_eq!(offset_of!(IommuHwptInvalidate, entry_num), 24);
-        assert_eq!(offset_of!(IommuHwptInvalidate, reserved), 28);
-
-        assert_eq!(size_of::<IommuVeventqAlloc>(), 32);
-        assert_eq!(offset_of!(IommuVeventqAlloc, viommu_id), 8);
-        assert_eq!(offset_of!(IommuVeventqAlloc, type_), 12);
-        assert_eq!(offset_of!(IommuVeventqAlloc, veventq_depth), 16);
-        assert_eq!(offset_of!(IommuVeventqAlloc, out_veventq_id), 20);
-        assert_eq!(offset_of!(IommuVeventqAlloc, out_veventq_fd), 24);
-
-        assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
-        assert_eq!(offset_of!(VfioDeviceAttachIommufdPt, flags), 4);
-        assert_eq!(offset_of!(VfioDeviceAttachIommufdPt, pt_id), 8);
-        assert_eq!(offset_of!(VfioDeviceAttachIommufdPt, pasid), 12);
-
-        assert_eq!(size_of::<IommuIoasAlloc>(), 12);
-        assert_eq!(VEVENT_RECORD_LEN, 40);
     }
 
     fn header(flags: u32, sequence: u32) -> Vec<u8> {
@@ -756,6 +467,12 @@ mod tests {
     }
 
     const RECORD: [u64; 4] = [0x0000_0042_0000_0010, 0x1234, 0xdead_b000, 0x8000_0000];
+
+    #[test]
+    fn a_vevent_record_is_a_header_and_an_arm_smmuv3_event() {
+        // struct iommufd_vevent_header (8 bytes) and struct iommu_vevent_arm_smmuv3 (32).
+        assert_eq!(VEVENT_RECORD_LEN, 40);
+    }
 
     #[test]
     fn parses_events_and_lost_headers() {

@@ -13,6 +13,7 @@
 pub mod double;
 pub mod iommufd;
 pub mod rules;
+pub mod uapi;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
