@@ -122,18 +122,23 @@ fn serves_an_inherited_connected_socket() {
     );
 }
 
+/// The daemon listening on `socket`, its log discarded.
+fn spawn_quiet_on(socket: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--socket-path")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"))
+}
+
 #[test]
 fn a_hostile_frontend_does_not_stop_the_daemon() {
     let dir = std::env::temp_dir().join(format!("viommu-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("s.sock");
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet_on(&socket);
 
     // Garbage: a header with a bad version. The daemon closes this connection.
     let mut s = connect_retry(&socket);
@@ -213,13 +218,7 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("s.sock");
-        let mut child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_quiet_on(&socket);
         let frontend = Frontend::new(connect_retry(&socket));
         frontend.call(&FrontendRequest::GetFeatures).unwrap();
         if !connected {
