@@ -348,6 +348,21 @@ impl Session {
         Ok(true)
     }
 
+    /// Handles one decoded request as if it had arrived on the main connection, and returns
+    /// what would be replied. Nothing is read from or written to the main connection, so a
+    /// harness (the fuzz targets) can drive whole sessions without a socket in between.
+    pub fn handle_request(
+        &mut self,
+        request: FrontendRequest,
+    ) -> Result<FrontendReply, ErrorReply> {
+        self.counters.messages = self.counters.messages.saturating_add(1);
+        let result = self.dispatch(request);
+        if result.is_err() {
+            self.counters.refused = self.counters.refused.saturating_add(1);
+        }
+        result
+    }
+
     fn require(&self, phase: Phase, name: &str) -> Result<(), ErrorReply> {
         if self.phase >= phase {
             Ok(())
