@@ -18,7 +18,15 @@ pub type GuestRam = GuestMemoryMmap<()>;
 /// Why a region cannot be mapped or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The fd is not a file we can map, or is smaller than the region says.
+    /// The fd is not a regular file (a memfd, a hugetlbfs or tmpfs file, a file on disk).
+    #[error("region at {gpa:#x}: the descriptor is {kind}, not a regular file or memfd")]
+    WrongKind {
+        /// The region's guest address.
+        gpa: u64,
+        /// What the descriptor is.
+        kind: &'static str,
+    },
+    /// The file cannot back the region (smaller than the region says, or unreadable).
     #[error("region at {gpa:#x}: {reason}")]
     BadFile {
         /// The region's guest address.
@@ -43,13 +51,15 @@ pub enum MemoryError {
         /// Its size.
         size: u64,
     },
-    /// No region with that guest address and size is mapped.
-    #[error("no region at {gpa:#x} size {size:#x}")]
+    /// No region with that guest address, size and file offset is mapped.
+    #[error("no region at {gpa:#x} size {size:#x} file offset {mmap_offset:#x}")]
     NotFound {
         /// The guest address asked for.
         gpa: u64,
         /// The size asked for.
         size: u64,
+        /// The file offset asked for.
+        mmap_offset: u64,
     },
     /// The table would hold more regions than the backend maps.
     #[error("more than {max} memory regions")]
@@ -84,9 +94,22 @@ pub fn map_region(
         reason,
     };
     let st = fstat(&fd).map_err(|e| bad(format!("fstat failed: {e}")))?;
-    let is_regular = (st.st_mode & libc_mode::S_IFMT) == libc_mode::S_IFREG;
-    if !is_regular {
-        return Err(bad("not a regular file or memfd".to_owned()));
+    let kind = match st.st_mode & libc_mode::S_IFMT {
+        libc_mode::S_IFREG => None,
+        libc_mode::S_IFDIR => Some("a directory"),
+        libc_mode::S_IFCHR => Some("a character device"),
+        libc_mode::S_IFBLK => Some("a block device"),
+        libc_mode::S_IFIFO => Some("a pipe"),
+        libc_mode::S_IFSOCK => Some("a socket"),
+        libc_mode::S_IFLNK => Some("a symbolic link"),
+        // eventfd, epoll, timerfd and other anonymous inodes have no file type.
+        _ => Some("an anonymous inode (eventfd, timerfd, ...)"),
+    };
+    if let Some(kind) = kind {
+        return Err(MemoryError::WrongKind {
+            gpa: region.gpa,
+            kind,
+        });
     }
     let end = region
         .mmap_offset
@@ -128,7 +151,13 @@ pub fn map_region(
 /// The file-type bits of `st_mode`.
 mod libc_mode {
     pub const S_IFMT: u32 = 0o170_000;
+    pub const S_IFSOCK: u32 = 0o140_000;
+    pub const S_IFLNK: u32 = 0o120_000;
     pub const S_IFREG: u32 = 0o100_000;
+    pub const S_IFBLK: u32 = 0o060_000;
+    pub const S_IFDIR: u32 = 0o040_000;
+    pub const S_IFCHR: u32 = 0o020_000;
+    pub const S_IFIFO: u32 = 0o010_000;
 }
 
 /// Builds guest memory from a whole table (SET_MEM_TABLE). Nothing changes on error.
@@ -170,17 +199,23 @@ pub fn add(ram: &GuestRam, region: &MemRegion, fd: OwnedFd) -> Result<GuestRam, 
     })
 }
 
-/// Removes the region with this guest address and size (REM_MEM_REG).
+/// Removes the region whose guest address, size and file offset all equal `region`'s
+/// (REM_MEM_REG).
 pub fn remove(ram: &GuestRam, region: &MemRegion) -> Result<GuestRam, MemoryError> {
-    let not_found = MemoryError::NotFound {
+    let not_found = || MemoryError::NotFound {
         gpa: region.gpa,
         size: region.size,
+        mmap_offset: region.mmap_offset,
     };
-    let size = usize::try_from(region.size).map_err(|_| MemoryError::NotFound {
-        gpa: region.gpa,
-        size: region.size,
-    })?;
-    ram.remove_region(GuestAddress(region.gpa), size as u64)
+    let matches = ram.iter().any(|r| {
+        r.start_addr().0 == region.gpa
+            && r.len() == region.size
+            && r.file_offset().map(FileOffset::start) == Some(region.mmap_offset)
+    });
+    if !matches {
+        return Err(not_found());
+    }
+    ram.remove_region(GuestAddress(region.gpa), region.size)
         .map(|(ram, _)| ram)
-        .map_err(|_| not_found)
+        .map_err(|_| not_found())
 }

@@ -105,6 +105,10 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
             "fd flags and memfd seals of guest RAM regions",
         ),
         (libc::SYS_fstat, "sizing a guest RAM fd before mapping it"),
+        (
+            libc::SYS_readlinkat,
+            "checking that an interrupt fd is an eventfd (/proc/self/fd)",
+        ),
         (libc::SYS_newfstatat, "fstat through glibc"),
         (libc::SYS_statx, "fstat through rustix"),
         (libc::SYS_pread64, "SET_STATE blobs"),

@@ -128,8 +128,12 @@ impl std::fmt::Display for Phase {
 /// An attached device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Device {
-    /// Its stream ID as last known.
+    /// Its stream ID as the frontend last confirmed it.
     sid: u32,
+    /// Whether `sid` is confirmed: told at ATTACH_DEVICE or in the last GET_DEVICE_SIDS
+    /// answer. A device is bypassed or translated only by the STE of a confirmed SID.
+    #[serde(skip)]
+    confirmed: bool,
     /// A VFIO device with nested translation (otherwise emulated).
     #[serde(skip)]
     passthrough: bool,
@@ -589,19 +593,20 @@ impl Session {
             dev.handle,
             Device {
                 sid: dev.sid,
+                confirmed: true,
                 passthrough: false,
                 space: AddressSpace::Translated,
             },
         );
         info!("device {} attached at SID {:#x}", dev.handle, dev.sid);
         // Tell the frontend the device's address space before the reply.
-        self.update_spaces(
-            SidRange {
-                first: dev.sid,
-                last: dev.sid,
-            },
-            &mut Vec::new(),
-        )?;
+        // The frontend just said where the device is: evaluate it there.
+        let mut out = Vec::new();
+        self.evaluate(&[dev.handle], &mut out);
+        if self.channel.is_none() {
+            out.clear();
+        }
+        self.send_backend(out)?;
         Ok(FrontendReply::Ack)
     }
 
@@ -663,18 +668,19 @@ impl Session {
             dev.handle,
             Device {
                 sid: dev.sid,
+                confirmed: true,
                 passthrough: true,
                 space: AddressSpace::Translated,
             },
         );
         self.follow_eventq();
-        self.update_spaces(
-            SidRange {
-                first: dev.sid,
-                last: dev.sid,
-            },
-            &mut Vec::new(),
-        )?;
+        // The frontend just said where the device is: evaluate it there.
+        let mut out = Vec::new();
+        self.evaluate(&[dev.handle], &mut out);
+        if self.channel.is_none() {
+            out.clear();
+        }
+        self.send_backend(out)?;
         self.run_effects()?;
         Ok(FrontendReply::Ack)
     }
@@ -825,19 +831,21 @@ impl Session {
         let mut outgoing = Vec::new();
         let mut stale = Vec::new();
         let mut host_cmds: Vec<RawCmd> = Vec::new();
+        let mut changed: Vec<SidRange> = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Irq(line) => self.pulse(line),
                 Effect::MsiWrite { address, data } => {
                     outgoing.push(BackendRequest::MsiWrite(MsiWrite { address, data }));
                 }
-                Effect::StreamsChanged(range) => {
-                    self.update_spaces(range, &mut outgoing)?;
-                }
+                Effect::StreamsChanged(range) => changed.push(range),
                 Effect::TranslationsInvalidated { start, last } => stale.push((start, last)),
                 Effect::HostInvalidate(cmd) => host_cmds.push([cmd.d0, cmd.d1]),
             }
         }
+        // The streams of the whole batch are re-evaluated together, after one confirmation of
+        // the devices' SIDs.
+        self.update_spaces(&changed, &mut outgoing)?;
         // Every invalidation before the CMD_SYNC reaches the host in one call per vIOMMU.
         if !host_cmds.is_empty()
             && let Some(p) = self.passthrough.as_mut()
@@ -861,39 +869,155 @@ impl Session {
         self.send_backend(outgoing)
     }
 
-    /// Re-evaluates the address space of every attached device in `range`, queueing
-    /// SET_ADDRESS_SPACE for those that changed and IOTLB_INVALIDATE for all of them (their
-    /// configuration changed).
+    /// Re-evaluates the devices whose streams changed (`ranges`), queueing SET_ADDRESS_SPACE
+    /// for those whose address space changed and IOTLB_INVALIDATE for all of them (their
+    /// configuration changed), and bringing passthrough devices in line.
+    ///
+    /// A device is evaluated only at a stream ID the frontend confirmed is its own: while the
+    /// vSMMU translates, the frontend is asked for every device's current SID first, since the
+    /// guest may have renumbered its buses since the last answer (docs/protocol.md, section
+    /// 8.3, GET_DEVICE_SIDS). A device that moved is re-evaluated wherever it is now; one whose
+    /// SID cannot be confirmed is never bypassed or translated (TRANSLATED, and a passthrough
+    /// device aborts).
     fn update_spaces(
         &mut self,
-        range: SidRange,
+        ranges: &[SidRange],
         out: &mut Vec<BackendRequest>,
     ) -> Result<(), ErrorReply> {
-        let Some(smmu) = self.smmu.as_ref() else {
+        if ranges.is_empty() || self.devices.is_empty() {
             return Ok(());
+        }
+        let sid_matters = self
+            .smmu
+            .as_ref()
+            .is_some_and(|smmu| smmu.registers().cr0.smmuen());
+        let moved = if sid_matters {
+            // The messages queued so far go first: the channel is ordered.
+            self.send_backend(std::mem::take(out))?;
+            self.confirm_sids()?
+        } else {
+            Vec::new()
         };
-        let mut matched = false;
-        let mut refused = Vec::new();
+        let chosen: Vec<u32> = self
+            .devices
+            .iter()
+            .filter(|&(handle, dev)| {
+                moved.contains(handle)
+                    || ranges.iter().any(|r| (r.first..=r.last).contains(&dev.sid))
+            })
+            .map(|(&handle, _)| handle)
+            .collect();
+        self.evaluate(&chosen, out);
+        if self.channel.is_none() {
+            out.clear();
+        }
+        self.send_backend(std::mem::take(out))
+    }
+
+    /// Asks the frontend where every device is now and records the answer. Returns the
+    /// devices whose SID changed or could not be confirmed.
+    fn confirm_sids(&mut self) -> Result<Vec<u32>, ErrorReply> {
+        let answer = match self.channel.as_ref() {
+            None => None,
+            Some(channel) => match channel.call(&BackendRequest::GetDeviceSids) {
+                Ok(BackendReply::DeviceSids(list)) => Some(list),
+                Ok(other) => {
+                    return Err(refuse(
+                        Status::INTERNAL,
+                        format!("GET_DEVICE_SIDS answered with {other:?}"),
+                    ));
+                }
+                Err(e) if !e.is_fatal() => {
+                    warn!(
+                        "GET_DEVICE_SIDS failed: {}; no device's stream ID can be confirmed",
+                        crate::error_chain(&e)
+                    );
+                    None
+                }
+                Err(e) => return Err(channel_failure(&e)),
+            },
+        };
+        let mut moved = Vec::new();
         for (&handle, dev) in self.devices.iter_mut() {
-            if !(range.first..=range.last).contains(&dev.sid) {
-                continue;
+            let now = answer
+                .as_ref()
+                .and_then(|list| list.iter().find(|d| d.handle == handle))
+                .map(|d| d.sid);
+            match now {
+                Some(sid) if dev.confirmed && sid == dev.sid => {}
+                Some(sid) => {
+                    if sid != dev.sid {
+                        info!(
+                            "device {handle} is now at SID {sid:#x} (was {:#x})",
+                            dev.sid
+                        );
+                    }
+                    dev.sid = sid;
+                    dev.confirmed = true;
+                    moved.push(handle);
+                    if dev.passthrough
+                        && let Some(p) = self.passthrough.as_mut()
+                        && let Err(e) = p.set_vsid(handle, sid)
+                    {
+                        warn!("device {handle}: new vSID {sid:#x}: {e}");
+                    }
+                }
+                None => {
+                    if dev.confirmed {
+                        warn!(
+                            "device {handle}: the frontend did not confirm its stream ID; it is \
+                             neither bypassed nor translated until it does"
+                        );
+                    }
+                    dev.confirmed = false;
+                    moved.push(handle);
+                }
             }
-            matched = true;
-            let state = smmu.stream_state(&self.ram, dev.sid);
+        }
+        Ok(moved)
+    }
+
+    /// Evaluates each device of `handles` at its confirmed SID.
+    fn evaluate(&mut self, handles: &[u32], out: &mut Vec<BackendRequest>) {
+        let Some(smmu) = self.smmu.as_ref() else {
+            return;
+        };
+        let sid_matters = smmu.registers().cr0.smmuen();
+        let mut refused = Vec::new();
+        for &handle in handles {
+            let Some(dev) = self.devices.get_mut(&handle) else {
+                continue;
+            };
+            // Unconfirmed: what no STE can make less safe than it is.
+            let state = if dev.confirmed || !sid_matters {
+                Some(smmu.stream_state(&self.ram, dev.sid))
+            } else {
+                None
+            };
             if dev.passthrough
                 && let Some(p) = self.passthrough.as_mut()
             {
-                match p.apply(handle, passthrough::target_for(&state)) {
+                let target = state
+                    .as_ref()
+                    .map_or(passthrough::Target::Abort, passthrough::target_for);
+                match p.apply(handle, target) {
                     Ok(Applied::Done) => {}
                     Ok(Applied::Refused(_)) => refused.push(dev.sid),
                     Err(e) => warn!("device {handle}: {e}"),
                 }
             }
-            let space = address_space(state);
+            let space = state.map_or(AddressSpace::Translated, address_space);
             if space != dev.space {
                 dev.space = space;
-                debug!("device {handle}: address space {space:?}");
-                out.push(BackendRequest::SetAddressSpace { handle, space });
+                debug!(
+                    "device {handle}: address space {space:?} at SID {:#x}",
+                    dev.sid
+                );
+                out.push(BackendRequest::SetAddressSpace {
+                    handle,
+                    space,
+                    sid: dev.sid,
+                });
             }
             if self.handed_out.invalidate_device(handle) {
                 out.push(BackendRequest::IotlbInvalidate(IotlbInvalidate {
@@ -908,47 +1032,6 @@ impl Session {
             for sid in refused {
                 smmu.record_bad_ste(&self.ram, sid);
             }
-        }
-        // A single stream the backend knows no device for: ask the frontend who is there now
-        // (the guest may have renumbered its buses).
-        if !matched && range.first == range.last && self.channel.is_some() {
-            self.send_backend(std::mem::take(out))?;
-            let sid = range.first;
-            if let Some(handle) = self.resolve_sid(sid)?
-                && let Some(dev) = self.devices.get_mut(&handle)
-            {
-                info!("device {handle} is now at SID {sid:#x}");
-                dev.sid = sid;
-                if dev.passthrough
-                    && let Some(p) = self.passthrough.as_mut()
-                    && let Err(e) = p.set_vsid(handle, sid)
-                {
-                    warn!("device {handle}: new vSID {sid:#x}: {e}");
-                }
-                return self.update_spaces(range, out);
-            }
-        }
-        if self.channel.is_none() {
-            out.clear();
-        }
-        self.send_backend(std::mem::take(out))
-    }
-
-    fn resolve_sid(&mut self, sid: u32) -> Result<Option<u32>, ErrorReply> {
-        let Some(channel) = self.channel.as_ref() else {
-            return Ok(None);
-        };
-        match channel.call(&BackendRequest::ResolveSid { sid }) {
-            Ok(BackendReply::ResolveSid(handle)) => Ok(handle),
-            Ok(other) => Err(refuse(
-                Status::INTERNAL,
-                format!("RESOLVE_SID answered with {other:?}"),
-            )),
-            Err(e) if !e.is_fatal() => {
-                warn!("RESOLVE_SID {sid:#x} failed: {}", crate::error_chain(&e));
-                Ok(None)
-            }
-            Err(e) => Err(channel_failure(&e)),
         }
     }
 
@@ -1118,9 +1201,11 @@ fn address_space(state: StreamState) -> AddressSpace {
 
 fn memory_refusal(e: memory::MemoryError) -> ErrorReply {
     use memory::MemoryError as M;
+    // docs/protocol.md, SET_MEM_TABLE and ADD_MEM_REG: a descriptor of the wrong kind is an
+    // invalid message; a file that cannot back the region is a host error.
     let status = match &e {
-        M::BadFile { .. } | M::TooLarge { .. } => Status::INVALID_ARGUMENT,
-        M::Mmap { .. } => Status::HOST_ERROR,
+        M::WrongKind { .. } => Status::INVALID_MESSAGE,
+        M::BadFile { .. } | M::TooLarge { .. } | M::Mmap { .. } => Status::HOST_ERROR,
         M::Overlap { .. } => Status::INVALID_ARGUMENT,
         M::NotFound { .. } => Status::NOT_FOUND,
         M::TooMany { .. } => Status::NO_SPACE,

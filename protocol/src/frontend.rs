@@ -329,7 +329,7 @@ impl Request for FrontendRequest {
                     exact_fds(fds, 0)?;
                     None
                 } else {
-                    Some(one_fd(fds)?)
+                    Some(eventfd(one_fd(fds)?)?)
                 };
                 FrontendRequest::SetIrqFd { index, fd }
             }
@@ -468,6 +468,33 @@ fn state_size(size: u64) -> Result<u64, DecodeError> {
         })
     } else {
         Ok(size)
+    }
+}
+
+/// Accepts an fd only if it is an eventfd.
+///
+/// Linux names what an fd is in `/proc/self/fd`; an eventfd reads as `anon_inode:[eventfd]`.
+/// Where `/proc` cannot be read, an fd that has a file type (a regular file or memfd, a pipe, a
+/// socket, a device) is refused, and an anonymous inode is taken on trust.
+fn eventfd(fd: OwnedFd) -> Result<OwnedFd, DecodeError> {
+    use std::os::fd::AsRawFd;
+    let wrong = |reason| DecodeError::Field {
+        field: "irq.fd",
+        value: 0,
+        reason,
+    };
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match rustix::fs::readlink(link.as_str(), Vec::new()) {
+        Ok(target) if target.as_bytes() == b"anon_inode:[eventfd]" => Ok(fd),
+        Ok(_) => Err(wrong("not an eventfd")),
+        Err(_) => {
+            let st = rustix::fs::fstat(&fd).map_err(|_| wrong("cannot be examined"))?;
+            if st.st_mode & 0o170_000 == 0 {
+                Ok(fd)
+            } else {
+                Err(wrong("not an eventfd"))
+            }
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub mod socket;
 pub mod status;
 pub mod types;
 
-pub use backend::{BackendReply, BackendRequest};
+pub use backend::{BackendReply, BackendRequest, DeviceSid, MAX_DEVICE_SIDS};
 pub use connection::{
     Backend, BackendChannel, Frontend, FrontendChannel, Incoming, ReplyToken, Requester, Responder,
 };

@@ -359,7 +359,8 @@ proptest! {
     /// The backend channel: requests and replies in the other direction.
     #[test]
     fn backend_channel_round_trip(
-        which in 0u8..4,
+        which in 0u8..5,
+        listed in prop::collection::btree_map(any::<u32>(), any::<u32>(), 0..40),
         handle in any::<u32>(),
         ssid in prop::option::of(0u32..1 << 20),
         range in (any::<u64>(), any::<u64>()),
@@ -371,6 +372,7 @@ proptest! {
             0 => BackendRequest::SetAddressSpace {
                 handle,
                 space: if handle % 2 == 0 { AddressSpace::System } else { AddressSpace::Translated },
+                sid: handle.rotate_left(7),
             },
             1 => BackendRequest::IotlbInvalidate(IotlbInvalidate {
                 handle: (handle % 3 != 0).then_some(handle),
@@ -379,6 +381,7 @@ proptest! {
                 last,
             }),
             2 => BackendRequest::ResolveSid { sid: handle },
+            3 => BackendRequest::GetDeviceSids,
             _ => BackendRequest::MsiWrite(MsiWrite { address: msi.0 & !3, data: msi.1 }),
         };
         let (a, b) = UnixStream::pair().unwrap();
@@ -388,9 +391,12 @@ proptest! {
         prop_assert_eq!(got.request, request);
         let reply = match got.request {
             BackendRequest::ResolveSid { .. } => BackendReply::ResolveSid(found),
+            BackendRequest::GetDeviceSids => BackendReply::DeviceSids(
+                listed.iter().map(|(&handle, &sid)| viommu_protocol::DeviceSid { handle, sid }).collect(),
+            ),
             _ => BackendReply::Ack,
         };
-        channel.reply(got.token, Ok(reply)).unwrap();
+        channel.reply(got.token, Ok(reply.clone())).unwrap();
         prop_assert_eq!(caller.join().unwrap().unwrap(), reply);
     }
 }

@@ -20,8 +20,9 @@ use viommu_protocol::types::{
     MmioAccess, ModelConfig, MsiWrite, PassthroughIds, Perm, TranslateReply, TranslateRequest,
 };
 use viommu_protocol::{
-    AttachDevice, Backend, BackendChannel, BackendReply, BackendRequest, Error, ErrorReply,
-    Frontend, FrontendChannel, FrontendReply, FrontendRequest, Passthrough, ReplyPolicy, Status,
+    AttachDevice, Backend, BackendChannel, BackendReply, BackendRequest, DeviceSid, Error,
+    ErrorReply, Frontend, FrontendChannel, FrontendReply, FrontendRequest, Passthrough,
+    ReplyPolicy, Status,
 };
 
 use common::{memfd, raw_send};
@@ -313,14 +314,30 @@ fn backend_wire(req: BackendRequest) -> Vec<u8> {
     drain(&b)
 }
 
+/// Sends a backend-channel request that always has a reply, and returns its wire bytes.
+fn backend_wire_call(req: BackendRequest) -> Vec<u8> {
+    let (a, b) = UnixStream::pair().unwrap();
+    a.shutdown(std::net::Shutdown::Read).unwrap();
+    // The reply never comes: the call fails once the request is on the wire.
+    let _ = BackendChannel::new(a).call(&req);
+    drain(&b)
+}
+
 #[test]
 fn backend_channel_layouts() {
     assert_eq!(
         backend_wire(BackendRequest::SetAddressSpace {
             handle: 1,
-            space: AddressSpace::Translated
+            space: AddressSpace::Translated,
+            sid: 0x0100,
         }),
-        hex("01 00 00 00  01 00 00 00  08 00 00 00  01 00 00 00  01 00 00 00")
+        hex("01 00 00 00  01 00 00 00  10 00 00 00
+             01 00 00 00  01 00 00 00  00 01 00 00  00 00 00 00")
+    );
+    // GET_DEVICE_SIDS has no payload and always a reply.
+    assert_eq!(
+        backend_wire_call(BackendRequest::GetDeviceSids),
+        hex("05 00 00 00  01 00 00 00  00 00 00 00")
     );
     assert_eq!(
         backend_wire(BackendRequest::IotlbInvalidate(IotlbInvalidate {
@@ -372,4 +389,48 @@ fn backend_channel_layouts() {
         &[],
     );
     assert_eq!(t.join().unwrap().unwrap(), BackendReply::ResolveSid(None));
+
+    // GET_DEVICE_SIDS's reply in raw bytes: status OK, count 2, then (handle 1, SID 0x0100)
+    // and (handle 2, SID 0x0008).
+    let (a, b) = UnixStream::pair().unwrap();
+    let t = thread::spawn(move || BackendChannel::new(a).call(&BackendRequest::GetDeviceSids));
+    let raw = viommu_protocol::socket::recv_message(&b).unwrap();
+    assert!(raw.payload.is_empty());
+    raw_send(
+        &b,
+        &hex(
+            "05 00 00 00  05 00 00 00  20 00 00 00  00 00 00 00 00 00 00 00
+              02 00 00 00  00 00 00 00  01 00 00 00  00 01 00 00  02 00 00 00  08 00 00 00",
+        ),
+        &[],
+    );
+    assert_eq!(
+        t.join().unwrap().unwrap(),
+        BackendReply::DeviceSids(vec![
+            DeviceSid {
+                handle: 1,
+                sid: 0x0100
+            },
+            DeviceSid { handle: 2, sid: 8 },
+        ])
+    );
+
+    // A handle listed twice, a count the body does not hold, and a reserved word are refused.
+    for body in [
+        "02 00 00 00  00 00 00 00  01 00 00 00  00 01 00 00  01 00 00 00  08 00 00 00",
+        "03 00 00 00  00 00 00 00  01 00 00 00  00 01 00 00  02 00 00 00  08 00 00 00",
+        "01 00 00 00  01 00 00 00  01 00 00 00  00 01 00 00",
+    ] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || BackendChannel::new(a).call(&BackendRequest::GetDeviceSids));
+        let _ = viommu_protocol::socket::recv_message(&b).unwrap();
+        let body = hex(body);
+        let mut msg = hex("05 00 00 00  05 00 00 00");
+        msg.extend_from_slice(&u32::try_from(body.len() + 8).unwrap().to_le_bytes());
+        msg.extend_from_slice(&[0; 8]);
+        msg.extend_from_slice(&body);
+        raw_send(&b, &msg, &[]);
+        let err = t.join().unwrap().unwrap_err();
+        assert!(matches!(err, Error::BadReply { .. }), "{err:?}");
+    }
 }

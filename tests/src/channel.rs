@@ -10,13 +10,17 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use viommu_protocol::{
-    AddressSpace, BackendReply, BackendRequest, Error, FrontendChannel, IotlbInvalidate, Perm,
+    AddressSpace, BackendReply, BackendRequest, DeviceSid, Error, FrontendChannel, IotlbInvalidate,
+    Perm,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// One translation the frontend cached from a TRANSLATE reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedTranslation {
+    /// The stream ID the translation was made for: it serves the device only while it is
+    /// still at that SID (the guest may renumber its buses).
+    pub sid: u32,
     /// Last input address covered.
     pub last: u64,
     /// Output address of the first input address covered.
@@ -88,6 +92,13 @@ pub enum Notification {
         handle: u32,
         /// Its new address space.
         space: AddressSpace,
+        /// The stream ID the backend decided for.
+        sid: u32,
+    },
+    /// GET_DEVICE_SIDS, with the number of devices listed in the answer.
+    DeviceSids {
+        /// Devices listed.
+        count: usize,
     },
     /// IOTLB_INVALIDATE, with the number of cached translations it removed.
     Invalidate {
@@ -120,6 +131,9 @@ pub enum Notification {
 pub struct ChannelState {
     /// Each device's address space as last announced.
     pub spaces: BTreeMap<u32, AddressSpace>,
+    /// The stream ID each device's address space was announced for: SYSTEM holds only while
+    /// the device is still there.
+    pub space_sids: BTreeMap<u32, u32>,
     /// Which device is at which stream ID (the answer to RESOLVE_SID).
     pub sids: BTreeMap<u32, u32>,
     /// Cached translations.
@@ -212,10 +226,24 @@ fn handle(
     state: &mut ChannelState,
 ) -> BackendReply {
     match request {
-        BackendRequest::SetAddressSpace { handle, space } => {
+        BackendRequest::SetAddressSpace { handle, space, sid } => {
             state.spaces.insert(handle, space);
-            state.log.push(Notification::AddressSpace { handle, space });
+            state.space_sids.insert(handle, sid);
+            state
+                .log
+                .push(Notification::AddressSpace { handle, space, sid });
             BackendReply::Ack
+        }
+        BackendRequest::GetDeviceSids => {
+            let devices: Vec<DeviceSid> = state
+                .sids
+                .iter()
+                .map(|(&sid, &handle)| DeviceSid { handle, sid })
+                .collect();
+            state.log.push(Notification::DeviceSids {
+                count: devices.len(),
+            });
+            BackendReply::DeviceSids(devices)
         }
         BackendRequest::IotlbInvalidate(inv) => {
             let dropped = state.cache.invalidate(&inv);

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use viommu_protocol::{
-    Access, AttachDevice, Features, Frontend, FrontendReply, FrontendRequest, IdRegs, IrqIndex,
-    ModelConfig, StateBlob, TranslateReply, TranslateRequest,
+    Access, AddressSpace, AttachDevice, Features, Frontend, FrontendReply, FrontendRequest, IdRegs,
+    IrqIndex, ModelConfig, StateBlob, TranslateReply, TranslateRequest,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -67,6 +67,8 @@ pub struct Sent {
     pub translates: u64,
     /// Translations answered from the cache.
     pub cache_hits: u64,
+    /// Accesses that went straight to guest memory (the device in SYSTEM).
+    pub system: u64,
 }
 
 /// A frontend connection as QEMU's `viommu-user` object holds it, with the resources QEMU
@@ -263,7 +265,7 @@ impl MockQemu {
     }
 
     /// The guest renumbered a bus: the device is at `sid` now (QEMU computes this from the
-    /// PCI topology and answers RESOLVE_SID with it).
+    /// PCI topology and answers GET_DEVICE_SIDS and RESOLVE_SID with it).
     pub fn set_sid(&mut self, handle: u32, sid: u32) {
         let mut state = self.channel_state();
         state.sids.retain(|_, &mut h| h != handle);
@@ -306,9 +308,24 @@ impl MockQemu {
             .get(&handle)
             .with_context(|| format!("no device {handle}"))?;
         let needs = perm_for(access);
+        // SYSTEM, as QEMU's fast path has it: only while the device is at the SID the backend
+        // decided for.
+        let system = {
+            let state = self.channel_state();
+            state.spaces.get(&handle) == Some(&AddressSpace::System)
+                && state.space_sids.get(&handle) == Some(&sid)
+        };
+        if system {
+            self.sent.system = self.sent.system.saturating_add(1);
+            return Ok(Dma::Address {
+                gpa: iova,
+                cached: true,
+            });
+        }
         let cached = self.channel_state().cache.lookup(handle, ssid, iova);
         if let Some((start, hit)) = cached
             && hit.perm.contains(needs)
+            && hit.sid == sid
         {
             self.sent.cache_hits = self.sent.cache_hits.saturating_add(1);
             return Ok(Dma::Address {
@@ -337,6 +354,7 @@ impl MockQemu {
                     ssid,
                     start,
                     CachedTranslation {
+                        sid,
                         last: start | addr_mask,
                         addr,
                         perm,

@@ -104,8 +104,9 @@ pub struct Report {
     pub events: Vec<Event>,
     /// Event-queue interrupts signalled.
     pub evtq_irqs: u64,
-    /// RESOLVE_SID questions answered.
-    pub resolved_sids: usize,
+    /// GET_DEVICE_SIDS questions answered (the backend confirms where the devices are before
+    /// it applies changed STEs).
+    pub sid_confirmations: usize,
 }
 
 type Guest<'a> = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
@@ -124,7 +125,7 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
         msi_writes: 0,
         events: Vec::new(),
         evtq_irqs: 0,
-        resolved_sids: 0,
+        sid_confirmations: 0,
     };
     trace(&format!("negotiated features: {:?}", report.features));
     qemu.start(default_config(), RAM_SIZE)
@@ -354,10 +355,11 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
     report.events.extend(batch.events);
 
     // The guest renumbers bus 1 to bus 2: the GPU is at SID 0x200 now, which the backend has
-    // never seen; it asks the frontend, then applies the STE.
+    // never seen; it asks the frontend where every device is, then applies the STE.
     let gpu = DEVICES.get(2).copied().context("no GPU")?;
     let new_sid = 0x0200;
     qemu.set_sid(gpu.handle, new_sid);
+    let log_before_move = qemu.channel_state().log.len();
     let (_, gpu_domain, _) = domains.get(2).context("no GPU domain")?;
     let ste = crate::guest::ste::make_cdtable_ste(
         &gpu_domain.table.ste_ptr(),
@@ -369,17 +371,15 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
         .map_err(|e| anyhow::anyhow!("STE: {e:?}"))?;
     check_port(&mut d)?;
     report.stes = report.stes.saturating_add(1);
-    let resolved = qemu
+    let asked = qemu
         .channel_state()
         .log
         .iter()
-        .filter(|n| {
-            matches!(n, Notification::ResolveSid { sid, handle } if *sid == new_sid && *handle == Some(gpu.handle))
-        })
-        .count();
+        .skip(log_before_move)
+        .any(|n| matches!(n, Notification::DeviceSids { count } if *count == DEVICES.len()));
     ensure!(
-        resolved >= 1,
-        "the backend did not ask who is at SID {new_sid:#x}"
+        asked,
+        "the backend did not ask where the devices are after the STE of SID {new_sid:#x} changed"
     );
     qemu.channel_state().cache = crate::channel::TranslationCache::default();
     match qemu.translate(gpu.handle, None, gpu.iova, Access::READ)? {
@@ -387,7 +387,7 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
         Dma::Fault { event } => bail!("the GPU at its new SID faulted: {event:#x}"),
     }
     trace(&format!(
-        "guest moved the GPU to SID {new_sid:#06x}: backend asked RESOLVE_SID, frontend answered device {}; DMA translates",
+        "guest moved the GPU to SID {new_sid:#06x}: backend asked GET_DEVICE_SIDS, frontend answered device {} there; DMA translates",
         gpu.handle
     ));
 
@@ -412,9 +412,10 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
             Notification::MsiWrite { .. } => {
                 report.msi_writes = report.msi_writes.saturating_add(1)
             }
-            Notification::ResolveSid { .. } => {
-                report.resolved_sids = report.resolved_sids.saturating_add(1);
+            Notification::DeviceSids { .. } => {
+                report.sid_confirmations = report.sid_confirmations.saturating_add(1);
             }
+            Notification::ResolveSid { .. } => {}
         }
     }
     drop(state);

@@ -55,7 +55,7 @@ fn run() -> anyhow::Result<()> {
     println!(
         "ok: {} STEs installed, {} translations ({} from the frontend's cache), {} IOTLB \
          invalidations, {} address-space changes, {} MSI doorbell write(s), {} event(s) with {} IRQ(s), \
-         {} SID resolved",
+         {} SID confirmations",
         report.stes,
         report.translations.saturating_add(report.cache_hits),
         report.cache_hits,
@@ -64,7 +64,7 @@ fn run() -> anyhow::Result<()> {
         report.msi_writes,
         report.events.len(),
         report.evtq_irqs,
-        report.resolved_sids
+        report.sid_confirmations
     );
     Ok(())
 }
