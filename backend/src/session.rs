@@ -140,6 +140,9 @@ struct Device {
     /// The address space the frontend was last told.
     #[serde(skip, default = "translated")]
     space: AddressSpace,
+    /// The SID it was told for.
+    #[serde(skip)]
+    space_sid: u32,
 }
 
 fn translated() -> AddressSpace {
@@ -596,6 +599,7 @@ impl Session {
                 confirmed: true,
                 passthrough: false,
                 space: AddressSpace::Translated,
+                space_sid: dev.sid,
             },
         );
         info!("device {} attached at SID {:#x}", dev.handle, dev.sid);
@@ -671,6 +675,7 @@ impl Session {
                 confirmed: true,
                 passthrough: true,
                 space: AddressSpace::Translated,
+                space_sid: dev.sid,
             },
         );
         self.follow_eventq();
@@ -873,8 +878,8 @@ impl Session {
     /// for those whose address space changed and IOTLB_INVALIDATE for all of them (their
     /// configuration changed), and bringing passthrough devices in line.
     ///
-    /// A device is evaluated only at a stream ID the frontend confirmed is its own: while the
-    /// vSMMU translates, the frontend is asked for every device's current SID first, since the
+    /// A device is evaluated only at a stream ID the frontend confirmed is its own: the
+    /// frontend is asked for every device's current SID first, since the
     /// guest may have renumbered its buses since the last answer (docs/protocol.md, section
     /// 8.3, GET_DEVICE_SIDS). A device that moved is re-evaluated wherever it is now; one whose
     /// SID cannot be confirmed is never bypassed or translated (TRANSLATED, and a passthrough
@@ -887,17 +892,9 @@ impl Session {
         if ranges.is_empty() || self.devices.is_empty() {
             return Ok(());
         }
-        let sid_matters = self
-            .smmu
-            .as_ref()
-            .is_some_and(|smmu| smmu.registers().cr0.smmuen());
-        let moved = if sid_matters {
-            // The messages queued so far go first: the channel is ordered.
-            self.send_backend(std::mem::take(out))?;
-            self.confirm_sids()?
-        } else {
-            Vec::new()
-        };
+        // The messages queued so far go first: the channel is ordered.
+        self.send_backend(std::mem::take(out))?;
+        let moved = self.confirm_sids()?;
         let chosen: Vec<u32> = self
             .devices
             .iter()
@@ -1007,8 +1004,10 @@ impl Session {
                 }
             }
             let space = state.map_or(AddressSpace::Translated, address_space);
-            if space != dev.space {
+            // SYSTEM holds for one SID: a device that bypasses at a new SID is told again.
+            if space != dev.space || (space == AddressSpace::System && dev.space_sid != dev.sid) {
                 dev.space = space;
+                dev.space_sid = dev.sid;
                 debug!(
                     "device {handle}: address space {space:?} at SID {:#x}",
                     dev.sid

@@ -410,7 +410,7 @@ fn hostile_frontends_get_errors_and_the_daemon_serves_the_next() {
     let err = qemu
         .frontend()
         .call(&FrontendRequest::SetIrqFd {
-            index: viommu_protocol::IrqIndex::Gerror,
+            index: IrqIndex::Gerror,
             fd: Some(not_eventfd.fd().unwrap()),
         })
         .unwrap_err();
@@ -421,7 +421,7 @@ fn hostile_frontends_get_errors_and_the_daemon_serves_the_next() {
     );
     qemu.frontend()
         .call(&FrontendRequest::SetIrqFd {
-            index: viommu_protocol::IrqIndex::Gerror,
+            index: IrqIndex::Gerror,
             fd: Some(eventfd()),
         })
         .expect("a real eventfd is accepted");
