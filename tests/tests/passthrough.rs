@@ -25,7 +25,9 @@ use viommu_protocol::{Access, AddressSpace, ConfigFlags, Error, ModelConfig, Sta
 use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::event::id;
 use viommu_tests::guest::pgtable::{Granule, prot};
-use viommu_tests::guest::regs::{ARM_SMMU_CR0, ARM_SMMU_CR0ACK, CR0_SMMUEN, GBPA_ABORT};
+use viommu_tests::guest::regs::{
+    ARM_SMMU_CR0, ARM_SMMU_CR0ACK, CR0_CMDQEN, CR0_EVTQEN, CR0_SMMUEN, GBPA_ABORT,
+};
 use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
 use viommu_tests::port::SocketPort;
 use viommu_tests::scenario::{ALLOC_START, RAM_SIZE};
@@ -674,4 +676,60 @@ fn kernel_refusals_at_attach_are_clear_errors_and_leave_nothing_behind() {
     assert_eq!(rig.vste(DEV_B), BYPASS_VSTE);
     let host = rig.finish();
     assert_eq!(host.lock().live_objects(), 0);
+}
+
+/// Issue 12, defect 0, for a passthrough device: attached before the guest numbered its bus
+/// (SID 0), it moves to SID 0x100. With STE(0) bypassing and STE(0x100) aborting, neither
+/// SMMUEN nor CFGI_ALL may install the bypass for it; the vDEVICE follows it to its new SID,
+/// and its own translating STE is what the host gets.
+#[test]
+fn a_renumbered_passthrough_device_gets_its_own_ste_not_its_old_sids() {
+    let mut rig = rig();
+    rig.attach(1, 0, DEV_A);
+    let mut d = rig.guest();
+    d.reset().unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE);
+    // A translating STE to copy, built on a scratch SID.
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    d.attach_s1(0x300, pt, 9).unwrap();
+    let translate = d.read_ste(0x300).unwrap();
+    // The guest numbers the bus; then STE(0) bypasses, STE(0x100) aborts, with no per-SID
+    // invalidation of the device's new SID.
+    rig.qemu.set_sid(1, 0x100);
+    let bypass = viommu_tests::guest::ste::make_bypass_ste(false);
+    let abort = viommu_tests::guest::ste::make_abort_ste();
+    let put = |d: &mut Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>, sid, ste: &[u64; 8]| {
+        let addr = d.ste_addr(sid).unwrap();
+        viommu_tests::guest::mem::write_qwords(&d.mem, addr, ste).unwrap();
+    };
+    put(&mut d, 0, &bypass);
+    put(&mut d, 0x100, &abort);
+    d.issue_cmd_with_sync(CmdEnt::CfgiAll).unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE, "CFGI_ALL: STE(0x100) aborts");
+    assert_eq!(
+        rig.host.lock().vsid(DEV_A),
+        Some(0x100),
+        "the vDEVICE moved"
+    );
+    // SMMUEN off (GBPA aborting) and on again, the queues staying on: still STE(0x100).
+    let queues = CR0_CMDQEN | CR0_EVTQEN;
+    d.update_gbpa(GBPA_ABORT, 0).unwrap();
+    d.write_reg_sync(queues, ARM_SMMU_CR0, ARM_SMMU_CR0ACK)
+        .unwrap();
+    d.write_reg_sync(queues | CR0_SMMUEN, ARM_SMMU_CR0, ARM_SMMU_CR0ACK)
+        .unwrap();
+    assert_eq!(rig.vste(DEV_A), ABORT_VSTE, "SMMUEN: STE(0x100) aborts");
+    // The device's own STE translating: that is what the host installs.
+    put(&mut d, 0x100, &translate);
+    d.issue_cmd_with_sync(CmdEnt::CfgiSte {
+        sid: 0x100,
+        leaf: true,
+    })
+    .unwrap();
+    assert_eq!(
+        rig.vste(DEV_A),
+        viommu_backend::host::rules::mask_vste([translate[0], translate[1]])
+    );
+    assert!(d.port.take_error().is_none());
+    rig.finish();
 }
