@@ -200,6 +200,10 @@ pub fn serve_connection(
 ) -> Result<Served, DaemonError> {
     let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
     let mut session = Session::with_options(stream, options.session.clone());
+    // A shutdown ends any wait for this frontend at once, mid-message or mid-exchange.
+    session
+        .cancel_on(shutdown.fd())
+        .map_err(DaemonError::Signals)?;
     watch(&epoll, session.connection(), TOKEN_MAIN)?;
     watch(&epoll, &shutdown.fd().as_fd(), TOKEN_SIGNAL)?;
     if let Some(status) = shutdown.status.as_ref() {

@@ -3,6 +3,7 @@
 //! - [`smmuv3`]: the SMMUv3 model, a pure library over guest memory;
 //! - [`session`]: one frontend connection, the protocol around the model;
 //! - [`memory`]: guest RAM from the frontend's memory table;
+//! - [`ram_guard`]: surviving a frontend that truncates guest RAM (SIGBUS);
 //! - [`handed_out`]: what the frontend may have cached, so invalidations it need not hear of
 //!   cost no round trip;
 //! - [`daemon`]: the event loop that serves frontends one after another;
@@ -19,6 +20,7 @@ pub mod inherited;
 pub mod limits;
 pub mod memory;
 pub mod passthrough;
+pub mod ram_guard;
 pub mod sandbox;
 pub mod session;
 pub mod smmuv3;

@@ -224,6 +224,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
     };
     let shutdown = Shutdown::install()?;
+    // A frontend that truncates guest RAM under us ends its session, not the daemon; the
+    // handler goes in before the sandbox, which does not allow installing it.
+    viommu_backend::ram_guard::install().context("cannot install the SIGBUS handler")?;
     // The only file the daemon touches after this is its own socket file, removed at exit.
     let socket_dir = match &source {
         Source::Path(path, _) => path.parent(),

@@ -82,9 +82,9 @@ pub const MAX_MEM_SLOTS: usize = 256;
 
 /// Maps one region from its fd.
 ///
-/// The file must be at least `mmap_offset + size` bytes long now. A file the frontend could
-/// shrink later (not sealed against shrinking) would turn guest-memory accesses into SIGBUS;
-/// QEMU's memfd backend seals its memfds, and for other files a warning is logged.
+/// The file must be at least `mmap_offset + size` bytes long now. A file the frontend shrinks
+/// later (one not sealed against shrinking) turns accesses to the lost pages into SIGBUS,
+/// which [`crate::ram_guard`] turns into the end of the session.
 pub fn map_region(
     region: &MemRegion,
     fd: OwnedFd,
@@ -123,9 +123,9 @@ pub fn map_region(
     }
     match fcntl_get_seals(&fd) {
         Ok(seals) if seals.contains(SealFlags::SHRINK) => {}
-        _ => log::warn!(
-            "memory region at {:#x} is not sealed against shrinking; a frontend that truncates \
-             it would crash this backend",
+        _ => log::debug!(
+            "memory region at {:#x} is not sealed against shrinking; if the frontend truncates \
+             it, the session ends (see ram_guard)",
             region.gpa
         ),
     }

@@ -21,13 +21,16 @@ use viommu_protocol::types::{
 use viommu_protocol::{
     AttachDevice, Backend, BackendChannel, BackendReply, BackendRequest, Error, ErrorReply,
     Features, FrontendReply, FrontendRequest, Incoming, Request, StateBlob, Status,
+    socket::Patience,
 };
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::handed_out::{self, HandedOut};
 use crate::host::{HostDevice, HostError, HostIommu, RawCmd, VEvent};
 use crate::limits::ModelLimits;
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
 use crate::passthrough::{self, Applied, Passthrough, PassthroughState};
+use crate::ram_guard;
 use crate::smmuv3::snapshot::SmmuSnapshot;
 use crate::smmuv3::stream::StreamConfig;
 use crate::smmuv3::walk::AccessKind;
@@ -91,6 +94,21 @@ pub enum SessionError {
     /// The backend channel failed.
     #[error("backend channel failed")]
     Channel(#[source] Error),
+    /// The frontend truncated the file behind a guest RAM region while the backend used it.
+    #[error(
+        "guest RAM at {gpa:#x} (size {size:#x}) lost pages: the frontend shrank its file; \
+         what the session read there is gone"
+    )]
+    GuestRamLost {
+        /// The region's guest address.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A backend-channel request failed or went unanswered, so the frontend may not know what
+    /// the backend told it.
+    #[error("the backend channel is out of step: {0}")]
+    ChannelBroken(String),
     /// The frontend sent a message it did not wait for an answer to, and it failed, so the
     /// failure cannot be reported on the connection.
     #[error("posted {request} failed: {status}: {message}")]
@@ -194,6 +212,12 @@ pub struct Session {
     idr_auto_pending: bool,
     /// A host invalidation failed since the last CMD_SYNC barrier.
     host_invalidate_failed: bool,
+    /// Why the backend channel is unusable, once it is: the session ends.
+    channel_broken: Option<String>,
+    /// Guest RAM's mappings, watched for a frontend that truncates them.
+    ram_watch: ram_guard::Watch,
+    /// Ends any wait for the frontend when it becomes readable (a shutdown was asked for).
+    cancel: Option<OwnedFd>,
     counters: SessionCounters,
 }
 
@@ -220,11 +244,13 @@ impl Session {
     /// A session on a connected stream.
     pub fn with_options(stream: UnixStream, options: SessionOptions) -> Self {
         // A peer that stops in the middle of a message must not hang the backend.
-        if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
-            warn!("cannot set a read timeout on the connection: {e}");
-        }
+        let mut conn = Backend::new(stream);
+        conn.set_patience(Patience {
+            timeout: Some(PEER_TIMEOUT),
+            cancel: None,
+        });
         Self {
-            conn: Backend::new(stream),
+            conn,
             phase: Phase::Connected,
             features: Features::empty(),
             smmu: None,
@@ -237,7 +263,37 @@ impl Session {
             passthrough: None,
             idr_auto_pending: false,
             host_invalidate_failed: false,
+            channel_broken: None,
+            ram_watch: ram_guard::Watch::default(),
+            cancel: None,
             counters: SessionCounters::default(),
+        }
+    }
+
+    /// Makes every wait for the frontend (the rest of a message, a backend-channel reply) end
+    /// as soon as `cancel` becomes readable, as the daemon's shutdown pipe does on SIGTERM.
+    pub fn cancel_on(&mut self, cancel: &OwnedFd) -> std::io::Result<()> {
+        self.cancel = Some(cancel.try_clone()?);
+        let patience = self.patience();
+        self.conn.set_patience(patience);
+        let patience = self.patience();
+        if let Some(channel) = self.channel.as_mut() {
+            channel.set_patience(patience);
+        }
+        Ok(())
+    }
+
+    /// How long the frontend may keep the session waiting, and what cuts the wait short.
+    fn patience(&self) -> Patience {
+        Patience {
+            timeout: Some(PEER_TIMEOUT),
+            cancel: self.cancel.as_ref().and_then(|fd| match fd.try_clone() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    warn!("cannot duplicate the cancel fd: {e}");
+                    None
+                }
+            }),
         }
     }
 
@@ -338,6 +394,9 @@ impl Session {
         let name = request.name();
         debug!("{name}");
         let result = self.dispatch(request);
+        if let Some(lost) = self.lost_ram() {
+            return Err(lost);
+        }
         if let Err(err) = &result {
             self.counters.refused = self.counters.refused.saturating_add(1);
             warn!("{name} refused: {}: {}", err.status, err.message);
@@ -352,6 +411,9 @@ impl Session {
         self.conn
             .reply(token, result)
             .map_err(SessionError::Connection)?;
+        if let Some(why) = self.channel_broken.take() {
+            return Err(SessionError::ChannelBroken(why));
+        }
         Ok(true)
     }
 
@@ -364,6 +426,9 @@ impl Session {
     ) -> Result<FrontendReply, ErrorReply> {
         self.counters.messages = self.counters.messages.saturating_add(1);
         let result = self.dispatch(request);
+        if let Some(lost) = self.lost_ram() {
+            return Err(refuse(Status::INTERNAL, lost.to_string()));
+        }
         if result.is_err() {
             self.counters.refused = self.counters.refused.saturating_add(1);
         }
@@ -440,15 +505,15 @@ impl Session {
                         "the backend channel is already set",
                     ));
                 }
-                if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
-                    warn!("cannot set a read timeout on the backend channel: {e}");
-                }
-                self.channel = Some(BackendChannel::new(stream));
+                let mut channel = BackendChannel::new(stream);
+                channel.set_patience(self.patience());
+                self.channel = Some(channel);
                 Ok(FrontendReply::Ack)
             }
             FrontendRequest::SetMemTable(regions) => {
                 self.require(Phase::Negotiated, name)?;
-                self.ram = memory::from_table(regions).map_err(memory_refusal)?;
+                let ram = memory::from_table(regions).map_err(memory_refusal)?;
+                self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
             FrontendRequest::GetMaxMemSlots => {
@@ -459,13 +524,15 @@ impl Session {
             FrontendRequest::AddMemReg(region, fd) => {
                 self.require(Phase::Negotiated, name)?;
                 self.require_feature(Features::MEM_SLOTS, name)?;
-                self.ram = memory::add(&self.ram, &region, fd).map_err(memory_refusal)?;
+                let ram = memory::add(&self.ram, &region, fd).map_err(memory_refusal)?;
+                self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
             FrontendRequest::RemMemReg(region) => {
                 self.require(Phase::Negotiated, name)?;
                 self.require_feature(Features::MEM_SLOTS, name)?;
-                self.ram = memory::remove(&self.ram, &region).map_err(memory_refusal)?;
+                let ram = memory::remove(&self.ram, &region).map_err(memory_refusal)?;
+                self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
             FrontendRequest::SetIrqFd { index, fd } => {
@@ -602,16 +669,39 @@ impl Session {
                 space_sid: dev.sid,
             },
         );
+        // Tell the frontend the device's address space before the reply; a failed ATTACH_DEVICE
+        // leaves nothing behind.
+        if let Err(e) = self.announce(dev.handle) {
+            self.forget(dev.handle);
+            return Err(e);
+        }
         info!("device {} attached at SID {:#x}", dev.handle, dev.sid);
-        // Tell the frontend the device's address space before the reply.
-        // The frontend just said where the device is: evaluate it there.
+        Ok(FrontendReply::Ack)
+    }
+
+    /// Evaluates a device just attached at the SID the frontend gave (the frontend just said
+    /// where it is) and tells the frontend its address space.
+    fn announce(&mut self, handle: u32) -> Result<(), ErrorReply> {
         let mut out = Vec::new();
-        self.evaluate(&[dev.handle], &mut out);
+        self.evaluate(&[handle], &mut out);
         if self.channel.is_none() {
             out.clear();
         }
         self.send_backend(out)?;
-        Ok(FrontendReply::Ack)
+        self.run_effects()
+    }
+
+    /// Undoes an attach that failed half way: the device and anything made for it go.
+    fn forget(&mut self, handle: u32) {
+        if let Some(dev) = self.devices.remove(&handle) {
+            self.handed_out.invalidate_device(handle);
+            if dev.passthrough
+                && let Some(p) = self.passthrough.as_mut()
+                && let Err(e) = p.detach(handle)
+            {
+                warn!("device {handle}: undoing the attach: {e}");
+            }
+        }
     }
 
     fn attach_passthrough(&mut self, dev: AttachDevice) -> Result<FrontendReply, ErrorReply> {
@@ -679,14 +769,10 @@ impl Session {
             },
         );
         self.follow_eventq();
-        // The frontend just said where the device is: evaluate it there.
-        let mut out = Vec::new();
-        self.evaluate(&[dev.handle], &mut out);
-        if self.channel.is_none() {
-            out.clear();
+        if let Err(e) = self.announce(dev.handle) {
+            self.forget(dev.handle);
+            return Err(e);
         }
-        self.send_backend(out)?;
-        self.run_effects()?;
         Ok(FrontendReply::Ack)
     }
 
@@ -740,7 +826,11 @@ impl Session {
                 }
             }
         }
-        self.run_effects().map_err(|e| SessionError::PostedFailure {
+        let result = self.run_effects();
+        if let Some(lost) = self.lost_ram() {
+            return Err(lost);
+        }
+        result.map_err(|e| SessionError::PostedFailure {
             request: "vEVENTQ",
             status: e.status,
             message: e.message,
@@ -931,7 +1021,7 @@ impl Session {
                     );
                     None
                 }
-                Err(e) => return Err(channel_failure(&e)),
+                Err(e) => return Err(self.channel_failed(&e)),
             },
         };
         let mut moved = Vec::new();
@@ -1053,10 +1143,51 @@ impl Session {
                 Err(e) if !e.is_fatal() => {
                     warn!("{} failed: {}", request.name(), crate::error_chain(&e))
                 }
-                Err(e) => return Err(channel_failure(&e)),
+                Err(e) => return Err(self.channel_failed(&e)),
             }
         }
         Ok(())
+    }
+
+    /// Puts new guest RAM in force, watched for a frontend that truncates it.
+    fn set_ram(&mut self, ram: GuestRam) -> Result<(), ErrorReply> {
+        let mappings = ram.iter().filter_map(|r| {
+            let start = r.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
+            Some((start, usize::try_from(r.len()).ok()?))
+        });
+        let watch = ram_guard::Watch::new(mappings)
+            .map_err(|e| refuse(Status::HOST_ERROR, crate::error_chain(&e)))?;
+        self.ram = ram;
+        self.ram_watch = watch;
+        Ok(())
+    }
+
+    /// The guest RAM region the frontend shrank under the backend, if any: the session cannot
+    /// go on (what was read there is gone).
+    fn lost_ram(&self) -> Option<SessionError> {
+        let (start, len) = self.ram_watch.lost()?;
+        let gpa = self
+            .ram
+            .iter()
+            .find(|r| {
+                r.get_host_address(MemoryRegionAddress(0))
+                    .is_ok_and(|p| p as usize == start)
+            })
+            .map_or(0, |r| r.start_addr().0);
+        Some(SessionError::GuestRamLost {
+            gpa,
+            size: len as u64,
+        })
+    }
+
+    /// The backend channel broke, or a reply on it did not come in time: the frontend may
+    /// have missed what the backend told it, and the channel is out of step. The request in
+    /// progress fails with INTERNAL and the session ends after its reply (docs/protocol.md,
+    /// section 5).
+    fn channel_failed(&mut self, e: &Error) -> ErrorReply {
+        let text = crate::error_chain(e);
+        self.channel_broken = Some(text.clone());
+        refuse(Status::INTERNAL, format!("backend channel failed: {text}"))
     }
 
     fn pulse(&self, line: IrqLine) {
@@ -1210,11 +1341,4 @@ fn memory_refusal(e: memory::MemoryError) -> ErrorReply {
         M::TooMany { .. } => Status::NO_SPACE,
     };
     refuse(status, crate::error_chain(&e))
-}
-
-fn channel_failure(e: &Error) -> ErrorReply {
-    refuse(
-        Status::INTERNAL,
-        format!("backend channel failed: {}", crate::error_chain(e)),
-    )
 }

@@ -251,6 +251,87 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
     }
 }
 
+/// SIGTERM takes effect at once even while the daemon waits for a frontend: one that stopped
+/// in the middle of a message, and one that does not acknowledge a backend-channel request.
+/// Both waits would last the peer timeout (5 s) otherwise (issue 12, defect 6).
+#[test]
+fn sigterm_cuts_a_wait_for_the_frontend_short() {
+    for case in ["mid-message", "backend-channel"] {
+        let dir = std::env::temp_dir().join(format!(
+            "viommu-cli-term-wait-{}-{case}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("s.sock");
+        let mut child = spawn_quiet_on(&socket);
+        let stream = connect_retry(&socket);
+        let frontend = Frontend::new(stream.try_clone().unwrap());
+        frontend.call(&FrontendRequest::GetFeatures).unwrap();
+        // Kept open: the daemon waits on it without an answer.
+        let mut _unanswered = None;
+        if case == "mid-message" {
+            // Six bytes of a twelve-byte header, then nothing.
+            (&stream).write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+        } else {
+            frontend
+                .call(&FrontendRequest::SetFeatures(
+                    Features::BACKEND_CHANNEL | Features::TRANSLATE,
+                ))
+                .unwrap();
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            frontend
+                .call(&FrontendRequest::SetBackendChannel(theirs))
+                .unwrap();
+            _unanswered = Some(ours);
+            frontend
+                .call(&FrontendRequest::SetConfig(viommu_protocol::ModelConfig {
+                    flags: viommu_protocol::ConfigFlags::STAGE1,
+                    oas_bits: 44,
+                    ssid_bits: 16,
+                    sid_bits: 16,
+                    cmdq_log2: 19,
+                    evtq_log2: 19,
+                }))
+                .unwrap();
+            // ATTACH_DEVICE: the daemon announces the device's address space and waits for the
+            // acknowledgement that never comes. Sent without waiting for its reply.
+            let attach = viommu_protocol::AttachDevice {
+                handle: 1,
+                sid: 8,
+                passthrough: None,
+            };
+            let waiter = {
+                let frontend = Frontend::new(stream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = frontend.call(&FrontendRequest::AttachDevice(attach));
+                })
+            };
+            std::thread::sleep(Duration::from_millis(300));
+            drop(waiter);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(4),
+                "{case}: SIGTERM waited for the frontend's timeout"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "{case}: {status:?}");
+        assert!(!socket.exists(), "{case}: the socket file is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// SIGUSR1 logs one status line: the session's state, devices and counters (or that nobody is
 /// connected), and the daemon goes on.
 #[test]

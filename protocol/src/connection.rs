@@ -8,6 +8,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use crate::backend::BackendRequest;
 use crate::error::{DecodeError, Error, Result};
@@ -17,7 +18,7 @@ use crate::message::{
     ErrorReply, Reply, ReplyPayload, ReplyPolicy, Request, decode_reply_prefix, encode_error_reply,
     encode_ok_reply,
 };
-use crate::socket::{RawMessage, recv_message, send_message};
+use crate::socket::{Patience, RawMessage, recv_message_with, send_message_with};
 use crate::status::Status;
 
 /// The frontend's end of the main channel.
@@ -32,6 +33,7 @@ pub type FrontendChannel = Responder<BackendRequest>;
 /// Sends requests of type `R` and receives their replies.
 pub struct Requester<R> {
     stream: UnixStream,
+    patience: Patience,
     _request: PhantomData<fn(R)>,
 }
 
@@ -48,11 +50,17 @@ impl<R: Request> Requester<R> {
     pub fn new(stream: UnixStream) -> Self {
         Self {
             stream,
+            patience: Patience::default(),
             _request: PhantomData,
         }
     }
 
-    /// The underlying stream (for timeouts and polling).
+    /// Bounds how long the peer may keep this end waiting (see [`Patience`]).
+    pub fn set_patience(&mut self, patience: Patience) {
+        self.patience = patience;
+    }
+
+    /// The underlying stream (for polling).
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
@@ -62,14 +70,21 @@ impl<R: Request> Requester<R> {
         self.stream
     }
 
-    fn send(&self, request: &R, need_reply: bool) -> Result<()> {
+    fn send(&self, request: &R, need_reply: bool, deadline: Option<Instant>) -> Result<()> {
         let encoded = request.encode();
         let size = u32::try_from(encoded.payload.len()).map_err(|_| Error::Usage {
             name: request.name(),
             reason: "payload too large",
         })?;
         let header = Header::request(request.code(), size, need_reply);
-        send_message(&self.stream, &header, &encoded.payload, &encoded.fds)
+        send_message_with(
+            &self.stream,
+            &header,
+            &encoded.payload,
+            &encoded.fds,
+            &self.patience,
+            deadline,
+        )
     }
 
     /// Sends a request and waits for its reply. A request that is answered only on NEED_REPLY
@@ -82,14 +97,15 @@ impl<R: Request> Requester<R> {
             name: request.name(),
             reason: "not a request of this channel",
         })?;
-        self.send(request, policy == ReplyPolicy::OnNeedReply)?;
-        self.recv_reply(code)
+        let deadline = self.patience.deadline();
+        self.send(request, policy == ReplyPolicy::OnNeedReply, deadline)?;
+        self.recv_reply(code, deadline)
     }
 
     /// Sends a request that has no reply of its own, without NEED_REPLY, and does not wait.
     pub fn post(&self, request: &R) -> Result<()> {
         match R::reply_policy(request.code()) {
-            Some(ReplyPolicy::OnNeedReply) => self.send(request, false),
+            Some(ReplyPolicy::OnNeedReply) => self.send(request, false, self.patience.deadline()),
             Some(ReplyPolicy::Always) => Err(Error::Usage {
                 name: request.name(),
                 reason: "it always has a reply",
@@ -102,12 +118,12 @@ impl<R: Request> Requester<R> {
     }
 
     /// Waits for the reply to request `code`.
-    fn recv_reply(&self, code: u32) -> Result<R::Reply> {
+    fn recv_reply(&self, code: u32, deadline: Option<Instant>) -> Result<R::Reply> {
         let RawMessage {
             header,
             payload,
             fds,
-        } = recv_message(&self.stream)?;
+        } = recv_message_with(&self.stream, &self.patience, deadline)?;
         let name = R::name_of(code);
         if !header.is_reply() || header.need_reply() || header.request != code {
             return Err(Error::UnexpectedReply {
@@ -160,6 +176,7 @@ pub struct Incoming<R> {
 /// Receives requests of type `R` and sends their replies.
 pub struct Responder<R> {
     stream: UnixStream,
+    patience: Patience,
     _request: PhantomData<fn(R)>,
 }
 
@@ -176,11 +193,17 @@ impl<R: Request> Responder<R> {
     pub fn new(stream: UnixStream) -> Self {
         Self {
             stream,
+            patience: Patience::default(),
             _request: PhantomData,
         }
     }
 
-    /// The underlying stream (for timeouts and polling).
+    /// Bounds how long the peer may keep this end waiting (see [`Patience`]).
+    pub fn set_patience(&mut self, patience: Patience) {
+        self.patience = patience;
+    }
+
+    /// The underlying stream (for polling).
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
@@ -200,7 +223,7 @@ impl<R: Request> Responder<R> {
             header,
             payload,
             fds,
-        } = recv_message(&self.stream)?;
+        } = recv_message_with(&self.stream, &self.patience, self.patience.deadline())?;
         let code = header.request;
         let policy = R::reply_policy(code);
         let expects_reply = header.need_reply() || policy == Some(ReplyPolicy::Always);
@@ -269,7 +292,14 @@ impl<R: Request> Responder<R> {
             name: R::name_of(request),
             reason: "reply too large",
         })?;
-        send_message(&self.stream, &Header::reply(request, size), payload, fds)
+        send_message_with(
+            &self.stream,
+            &Header::reply(request, size),
+            payload,
+            fds,
+            &self.patience,
+            self.patience.deadline(),
+        )
     }
 }
 

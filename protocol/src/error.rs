@@ -71,6 +71,15 @@ pub enum Error {
     /// The socket failed.
     #[error("socket I/O failed")]
     Io(#[source] io::Error),
+    /// The peer did not finish a message, or answer a request, within the time allowed.
+    #[error("the peer made no progress for {timeout:?}")]
+    TimedOut {
+        /// The time allowed.
+        timeout: std::time::Duration,
+    },
+    /// Waiting for the peer was cut short: this side is shutting down.
+    #[error("waiting for the peer was cancelled (shutting down)")]
+    Cancelled,
     /// The peer closed the connection between two messages.
     #[error("peer closed the connection")]
     Disconnected,
@@ -163,6 +172,8 @@ impl Error {
         match self {
             Error::Invalid { .. } | Error::Remote { .. } | Error::Usage { .. } => false,
             Error::Io(_)
+            | Error::TimedOut { .. }
+            | Error::Cancelled
             | Error::Disconnected
             | Error::PartialMessage { .. }
             | Error::BadVersion(_)

@@ -8,7 +8,9 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
@@ -29,12 +31,89 @@ pub struct RawMessage {
     pub fds: Vec<OwnedFd>,
 }
 
+/// How long a peer may keep this side waiting, and what else ends the wait.
+///
+/// The default waits as the socket does (for ever, unless the socket has a timeout of its
+/// own). With a timeout or a cancel fd, sends and receives never block in the kernel: they
+/// poll the socket together with the cancel fd, and give up when the deadline passes
+/// ([`Error::TimedOut`]) or the cancel fd becomes readable ([`Error::Cancelled`]). The deadline
+/// runs from the start of the message (for a request that waits for its reply, from the start
+/// of the request to the end of the reply).
+#[derive(Debug, Default)]
+pub struct Patience {
+    /// The longest a peer may take to finish a message or to answer a request.
+    pub timeout: Option<Duration>,
+    /// A descriptor that becomes readable when waiting must stop (a shutdown was asked for).
+    pub cancel: Option<OwnedFd>,
+}
+
+impl Patience {
+    /// Whether sends and receives poll rather than block.
+    fn polls(&self) -> bool {
+        self.timeout.is_some() || self.cancel.is_some()
+    }
+
+    /// The deadline of an exchange that starts now.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.timeout.and_then(|t| Instant::now().checked_add(t))
+    }
+
+    /// Waits until `stream` is ready for `events`, the deadline passes or the cancel fd fires.
+    fn wait(&self, stream: &UnixStream, events: PollFlags, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            let left = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::TimedOut {
+                            timeout: self.timeout.unwrap_or_default(),
+                        });
+                    }
+                    Some(Timespec {
+                        tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                        tv_nsec: i64::from(left.subsec_nanos()),
+                    })
+                }
+                None => None,
+            };
+            let mut fds = Vec::with_capacity(2);
+            fds.push(PollFd::new(stream, events));
+            if let Some(cancel) = self.cancel.as_ref() {
+                fds.push(PollFd::new(cancel, PollFlags::IN));
+            }
+            match poll(&mut fds, left.as_ref()) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(Error::Io(e.into())),
+            }
+            if fds.get(1).is_some_and(|c| !c.revents().is_empty()) {
+                return Err(Error::Cancelled);
+            }
+            if fds.first().is_some_and(|s| !s.revents().is_empty()) {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Sends one message: header, payload and fds.
 pub fn send_message(
     stream: &UnixStream,
     header: &Header,
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
+) -> Result<()> {
+    send_message_with(stream, header, payload, fds, &Patience::default(), None)
+}
+
+/// [`send_message`], waiting for room in the socket no longer than `patience` allows.
+pub fn send_message_with(
+    stream: &UnixStream,
+    header: &Header,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+    patience: &Patience,
+    deadline: Option<Instant>,
 ) -> Result<()> {
     if payload.len() > MAX_PAYLOAD_SIZE || header.size as usize != payload.len() {
         return Err(Error::Usage {
@@ -71,21 +150,24 @@ pub fn send_message(
             )
         };
         let iov = [IoSlice::new(head_rest), IoSlice::new(body_rest)];
+        let flags = if patience.polls() {
+            SendFlags::NOSIGNAL | SendFlags::DONTWAIT
+        } else {
+            SendFlags::NOSIGNAL
+        };
         // The fds ride on the first sendmsg only; later calls send the rest of the bytes.
         let result = if sent == 0 {
-            sendmsg(stream, &iov, &mut control, SendFlags::NOSIGNAL)
+            sendmsg(stream, &iov, &mut control, flags)
         } else {
-            sendmsg(
-                stream,
-                &iov,
-                &mut SendAncillaryBuffer::default(),
-                SendFlags::NOSIGNAL,
-            )
+            sendmsg(stream, &iov, &mut SendAncillaryBuffer::default(), flags)
         };
         match result {
             Ok(0) => return Err(Error::Io(io::Error::from(io::ErrorKind::WriteZero))),
             Ok(n) => sent = sent.saturating_add(n),
             Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) if patience.polls() => {
+                patience.wait(stream, PollFlags::OUT, deadline)?;
+            }
             Err(e) => return Err(Error::Io(e.into())),
         }
     }
@@ -95,16 +177,31 @@ pub fn send_message(
 /// Reads exactly `buf.len()` bytes, collecting any fds that arrive with them into `fds`.
 ///
 /// Returns how many bytes arrived before the peer hung up (less than `buf.len()` only then).
-fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize> {
+fn recv_exact(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    patience: &Patience,
+    deadline: Option<Instant>,
+) -> Result<usize> {
+    let flags = if patience.polls() {
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT
+    } else {
+        RecvFlags::CMSG_CLOEXEC
+    };
     let mut got = 0usize;
     while got < buf.len() {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let rest = buf.get_mut(got..).unwrap_or_default();
         let mut iov = [IoSliceMut::new(rest)];
-        let msg = match recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+        let msg = match recvmsg(stream, &mut iov, &mut control, flags) {
             Ok(msg) => msg,
             Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) if patience.polls() => {
+                patience.wait(stream, PollFlags::IN, deadline)?;
+                continue;
+            }
             Err(e) => return Err(Error::Io(e.into())),
         };
         // Take ownership of every fd before looking at anything else, so that each is closed
@@ -128,9 +225,18 @@ fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Re
 /// Receives one message. Fails on a closed connection, a torn message, an invalid header or
 /// too many fds; the returned payload and fds are not yet checked against the request code.
 pub fn recv_message(stream: &UnixStream) -> Result<RawMessage> {
+    recv_message_with(stream, &Patience::default(), None)
+}
+
+/// [`recv_message`], waiting no longer than `patience` allows.
+pub fn recv_message_with(
+    stream: &UnixStream,
+    patience: &Patience,
+    deadline: Option<Instant>,
+) -> Result<RawMessage> {
     let mut fds = Vec::new();
     let mut head = [0u8; HEADER_SIZE];
-    let got = recv_exact(stream, &mut head, &mut fds)?;
+    let got = recv_exact(stream, &mut head, &mut fds, patience, deadline)?;
     if got == 0 {
         return Err(Error::Disconnected);
     }
@@ -143,7 +249,7 @@ pub fn recv_message(stream: &UnixStream) -> Result<RawMessage> {
     let header = Header::from_bytes(&head)?;
     // header.size <= MAX_PAYLOAD_SIZE after from_bytes.
     let mut payload = vec![0u8; header.size as usize];
-    let got = recv_exact(stream, &mut payload, &mut fds)?;
+    let got = recv_exact(stream, &mut payload, &mut fds, patience, deadline)?;
     if got < payload.len() {
         return Err(Error::PartialMessage {
             expected: HEADER_SIZE.saturating_add(payload.len()),

@@ -43,6 +43,24 @@ impl MemfdRam {
         Ok(Self { file, region, mem })
     }
 
+    /// `size` bytes of RAM that the frontend can still shrink (as hugetlbfs and disk files
+    /// are: they cannot be sealed).
+    pub fn unsealed(gpa: u64, size: u64) -> anyhow::Result<Self> {
+        let fd = memfd_create("mock-qemu-ram", MemfdFlags::CLOEXEC).context("memfd_create")?;
+        ftruncate(&fd, size).context("sizing the guest RAM memfd")?;
+        let region = MemRegion {
+            gpa,
+            size,
+            mmap_offset: 0,
+        };
+        let file = File::from(fd);
+        let mapped = map_region(&region, file.try_clone()?.into())
+            .context("mapping guest RAM in the mock peer")?;
+        let mem = GuestMemoryMmap::from_arc_regions(vec![mapped])
+            .context("building the guest memory map")?;
+        Ok(Self { file, region, mem })
+    }
+
     /// The region as a memory-table entry.
     pub fn region(&self) -> MemRegion {
         self.region

@@ -728,3 +728,84 @@ fn remote_status_of(err: &Error) -> Option<Status> {
 fn eventfd() -> std::os::fd::OwnedFd {
     rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap()
 }
+
+/// Issue 12, defect 1: a frontend that shrinks its (unsealable) guest RAM file under the
+/// daemon, which then reads the stream table there, loses its session; the daemon, under its
+/// default seccomp sandbox, lives and serves the next frontend.
+#[test]
+fn a_frontend_that_truncates_guest_ram_loses_its_session_not_the_daemon() {
+    let mut daemon = Daemon::start("truncate");
+    let mut qemu = daemon.connect();
+    qemu.negotiate().unwrap();
+    let ram = MemfdRam::unsealed(0, RAM_SIZE).unwrap();
+    let file = ram.fd().unwrap();
+    qemu.start_on(default_config(), ram).unwrap();
+    qemu.attach(1, 8).unwrap();
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    drop(d);
+    rustix::fs::ftruncate(&file, 0).unwrap();
+    // The daemon fetches STE(8) from the lost pages: the session ends without an answer.
+    let err = qemu
+        .frontend()
+        .call(&FrontendRequest::Translate(
+            viommu_protocol::TranslateRequest {
+                sid: 8,
+                ssid: None,
+                iova: 0x1000,
+                access: Access::READ,
+            },
+        ))
+        .unwrap_err();
+    assert!(err.is_fatal(), "the connection is closed: {err:?}");
+    daemon.assert_alive();
+    // The next frontend gets a whole Linux session.
+    let mut next = daemon.connect();
+    scenario::linux_session(&mut next, &mut |_| {}).unwrap();
+    next.close().unwrap();
+    daemon.assert_alive();
+}
+
+/// Issue 12, defect 2: a frontend that does not acknowledge the SET_ADDRESS_SPACE of an
+/// ATTACH_DEVICE within the peer timeout gets INTERNAL for the attach, and the session ends
+/// (the backend channel is out of step: the frontend may hold an address space the backend
+/// no longer stands by). Nothing of the device is left; the next frontend is served.
+#[test]
+fn an_attach_whose_announcement_goes_unanswered_fails_and_leaves_nothing() {
+    let mut daemon = Daemon::start("attach-timeout");
+    let raw = daemon.connect();
+    let main = raw.frontend();
+    main.call(&FrontendRequest::GetFeatures).unwrap();
+    main.call(&FrontendRequest::SetFeatures(
+        viommu_protocol::Features::BACKEND_CHANNEL | viommu_protocol::Features::TRANSLATE,
+    ))
+    .unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    main.call(&FrontendRequest::SetBackendChannel(theirs))
+        .unwrap();
+    main.call(&FrontendRequest::SetConfig(viommu_protocol::ModelConfig {
+        flags: default_config().flags - viommu_protocol::ConfigFlags::MSI,
+        ..default_config()
+    }))
+    .unwrap();
+    let err = main
+        .call(&FrontendRequest::AttachDevice(
+            viommu_protocol::AttachDevice {
+                handle: 1,
+                sid: 8,
+                passthrough: None,
+            },
+        ))
+        .unwrap_err();
+    assert_eq!(remote_status_of(&err), Some(Status::INTERNAL), "{err:?}");
+    // The announcement was sent, and never answered.
+    let raw = viommu_protocol::socket::recv_message(&ours).unwrap();
+    assert_eq!(raw.header.request, 1, "SET_ADDRESS_SPACE");
+    // The session is over.
+    let err = main.call(&FrontendRequest::GetFeatures).unwrap_err();
+    assert!(err.is_fatal(), "{err:?}");
+    daemon.assert_alive();
+    let mut next = started(&daemon);
+    next.attach(1, 8).unwrap();
+    next.close().unwrap();
+}
