@@ -82,11 +82,18 @@ impl Ranges {
 pub struct HandedOut {
     devices: BTreeMap<u32, Ranges>,
     unattributed: Ranges,
+    /// Size minus one of the largest translation handed out (translations are naturally
+    /// aligned powers of two), at least a 4 KiB page's.
+    largest_mask: u64,
 }
 
 impl HandedOut {
     /// A TRANSLATE answer for `[start, last]` went to `handle` (`None`: unknown device).
     pub fn record(&mut self, handle: Option<u32>, start: u64, last: u64) {
+        self.largest_mask = self
+            .largest_mask
+            .max(last.saturating_sub(start))
+            .max(PAGE_MASK);
         match handle {
             Some(h) => self.devices.entry(h).or_default().insert(start, last),
             None => self.unattributed.insert(start, last),
@@ -117,11 +124,24 @@ impl HandedOut {
             || self.devices.values().any(|r| r.intersects(start, last))
     }
 
+    /// The input range of every translation handed out that can contain `address`: what a
+    /// TLBI by address without a range (TG = 0) invalidates, the translation containing the
+    /// address, whatever its size. Every translation handed out is a naturally aligned block
+    /// no larger than the largest one, so the aligned block of that size around `address`
+    /// covers it.
+    pub fn containing(&self, address: u64) -> (u64, u64) {
+        let mask = self.largest_mask.max(PAGE_MASK);
+        (address & !mask, address | mask)
+    }
+
     /// Forgets everything (the frontend dropped its whole cache).
     pub fn clear(&mut self) {
         *self = Self::default();
     }
 }
+
+/// The smallest translation granule, 4 KiB, as a mask.
+const PAGE_MASK: u64 = 0xfff;
 
 /// Ranges closer than this merge (the smallest translation granule): a TLBI by address names
 /// one address of each page, and Linux unmaps runs of pages.
@@ -207,6 +227,18 @@ mod tests {
         );
         assert!(h.invalidate_all(0, u64::MAX));
         assert!(!h.invalidate_device(7));
+    }
+
+    #[test]
+    fn a_single_address_stands_for_the_translations_that_contain_it() {
+        let mut h = HandedOut::default();
+        assert_eq!(h.containing(0x1234), (0x1000, 0x1fff), "at least a page");
+        h.record(Some(1), 0x1_0000, 0x1_ffff); // a 64 KiB translation
+        assert_eq!(h.containing(0x1_2345), (0x1_0000, 0x1_ffff));
+        h.record(Some(2), 0x20_0000, 0x3f_ffff); // a 2 MiB block
+        assert_eq!(h.containing(0x21_2345), (0x20_0000, 0x3f_ffff));
+        h.record(None, 0, u64::MAX); // an identity answer of a bypassing stream
+        assert_eq!(h.containing(0x21_2345), (0, u64::MAX));
     }
 
     #[test]

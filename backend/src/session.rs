@@ -934,6 +934,11 @@ impl Session {
                     outgoing.push(BackendRequest::MsiWrite(MsiWrite { address, data }));
                 }
                 Effect::StreamsChanged(range) => changed.push(range),
+                // One address (a TLBI without a range): the translations containing it, of
+                // whatever size they were handed out.
+                Effect::TranslationsInvalidated { start, last } if start == last => {
+                    stale.push(self.handed_out.containing(start));
+                }
                 Effect::TranslationsInvalidated { start, last } => stale.push((start, last)),
                 Effect::HostInvalidate(cmd) => host_cmds.push([cmd.d0, cmd.d1]),
             }

@@ -623,6 +623,17 @@ fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
         qemu.channel_state().log
     );
     assert!(qemu.channel_state().cache.is_empty());
+    // The message covers the 64 pages the guest invalidated, each whole (issue 12: not the
+    // one byte at each TLBI's address).
+    let last_inv = qemu.channel_state().log.iter().rev().find_map(|n| match n {
+        viommu_tests::channel::Notification::Invalidate { inv, .. } => Some(*inv),
+        _ => None,
+    });
+    let inv = last_inv.unwrap();
+    assert_eq!(
+        (inv.start, inv.last),
+        (dev.iova, dev.iova + 64 * 0x1000 - 1)
+    );
     // The same again: nothing is cached any more, so no message.
     d.issue_cmds_with_sync(&cmds).unwrap();
     assert_eq!(invalidations(&qemu), before + 1);
@@ -808,4 +819,44 @@ fn an_attach_whose_announcement_goes_unanswered_fails_and_leaves_nothing() {
     let mut next = started(&daemon);
     next.attach(1, 8).unwrap();
     next.close().unwrap();
+}
+
+/// A TLBI by address without a range (TG = 0) invalidates the translation that contains the
+/// address, whatever its size: with a 64 KiB granule the frontend hears of the whole 64 KiB
+/// page (issue 12), so an IOMMU notifier that unmaps exactly `[start, last]` drops all of it.
+#[test]
+fn a_tlbi_by_address_invalidates_the_whole_translation_around_it() {
+    let daemon = Daemon::start("tlbi-va-64k");
+    let mut qemu = started(&daemon);
+    let dev = DEVICES[0];
+    qemu.attach(dev.handle, dev.sid).unwrap();
+    let mut d = guest_on(&mut qemu);
+    d.reset().unwrap();
+    let pt = d.new_s1_pgtable(Granule::G64K).unwrap();
+    let buf = d.alloc_zeroed(0x10000, 0x10000).unwrap();
+    let iova = 0x8000_0000u64;
+    d.map(&pt, iova, buf, 0x10000, prot::RW).unwrap();
+    let domain = d.attach_s1(dev.sid, pt, dev.asid).unwrap();
+    qemu.translate(dev.handle, None, iova + 0x4321, Access::READ)
+        .unwrap();
+    let before = qemu.channel_state().log.len();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhVa(viommu_tests::guest::cmd::Tlbi {
+        asid: domain.asid,
+        addr: iova + 0x3000,
+        leaf: true,
+        ..Default::default()
+    }))
+    .unwrap();
+    let invs: Vec<_> = qemu.channel_state().log[before..]
+        .iter()
+        .filter_map(|n| match n {
+            viommu_tests::channel::Notification::Invalidate { inv, dropped } => {
+                Some((inv.start, inv.last, *dropped))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(invs, vec![(iova, iova + 0xffff, 1)]);
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
 }

@@ -86,7 +86,8 @@ pub enum Effect {
     /// change, reset): re-evaluate what each attached device uses (address space, host HWPT).
     StreamsChanged(SidRange),
     /// Translations in `[start, last]` may be stale for every device (the frontend drops its
-    /// cached TRANSLATE results).
+    /// cached TRANSLATE results). `start == last` comes from a TLBI by address without a
+    /// range (TG = 0): every translation that contains that address, whatever its size.
     TranslationsInvalidated {
         /// First input address.
         start: u64,
