@@ -186,6 +186,7 @@ fn stage2_config(builder: &mut Builder<'_>) -> Stage2Config {
         ttb: builder.alloc(0x2000),
         ps_bits: 48,
         affd: false,
+        xnx: true,
     }
 }
 

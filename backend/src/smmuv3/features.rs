@@ -92,6 +92,12 @@ impl Features {
         self.oas_bits
     }
 
+    /// SMMU_IDR3.XNX: with stage 2 the model implements the 2-bit stage-2 execute-never
+    /// field (privileged and unprivileged execution told apart), as QEMU's SMMUv3 advertises.
+    pub fn xnx(&self) -> bool {
+        self.s2p
+    }
+
     /// The ID registers the guest reads.
     pub fn id_regs(&self) -> IdRegs {
         let idr0 = Idr0::new()
@@ -113,7 +119,11 @@ impl Features {
             .with_ssidsize(self.ssid_bits.min(20))
             .with_eventqs(self.eventqs)
             .with_cmdqs(self.cmdqs);
-        let idr3 = Idr3::new().with_had(true).with_ril(self.ril).with_bbml(2);
+        let idr3 = Idr3::new()
+            .with_had(true)
+            .with_xnx(self.xnx())
+            .with_ril(self.ril)
+            .with_bbml(2);
         let idr5 = Idr5::new()
             .with_oas(address_size_encoding(self.oas_bits).unwrap_or(4))
             .with_gran4k(true)
@@ -153,6 +163,18 @@ mod tests {
         assert_eq!(regs.idr[3], 0x1404);
         // OAS=44 bits (4), GRAN4K, GRAN16K, GRAN64K.
         assert_eq!(regs.idr[5], 0x74);
+    }
+
+    /// With stage 2, IDR3 is QEMU's 0x1414 for the same configuration: HAD, XNX, RIL, BBML=2.
+    #[test]
+    fn stage_2_advertises_xnx() {
+        let regs = Features {
+            s2p: true,
+            ..Features::qemu_default()
+        }
+        .id_regs();
+        assert_eq!(regs.idr[3], 0x1414);
+        assert_eq!(regs.idr[0] & 3, 3, "S1P and S2P");
     }
 
     /// The OAS mask never overflows, whatever size a configuration names.

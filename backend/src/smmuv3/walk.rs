@@ -105,6 +105,9 @@ pub struct Stage2Config {
     pub ps_bits: u8,
     /// STE.S2AFFD.
     pub affd: bool,
+    /// SMMU_IDR3.XNX: the stage-2 execute-never field is XN\[1:0\] (bits 54:53), which tells
+    /// privileged from unprivileged execution; without it only bit 54 counts.
+    pub xnx: bool,
 }
 
 /// The access a transaction makes.
@@ -228,8 +231,10 @@ const DESC_AF: u64 = 1 << 10;
 const S1_PXN: u64 = 1 << 53;
 /// Stage-1 UXN (bit 54): unprivileged execute-never.
 const S1_UXN: u64 = 1 << 54;
-/// Stage-2 XN (bit 54): execute-never (XN\[1\] without FEAT_XNX; bit 53 is ignored).
+/// Stage-2 XN\[1\] (bit 54): execute-never (without SMMU_IDR3.XNX bit 53 is ignored).
 const S2_XN: u64 = 1 << 54;
+/// Stage-2 XN\[0\] (bit 53), with SMMU_IDR3.XNX.
+const S2_XN0: u64 = 1 << 53;
 /// Stage-1 table descriptor PXNTable (bit 59): no privileged execution below.
 const TABLE_PXN: u64 = 1 << 59;
 /// Stage-1 table descriptor UXNTable (bit 60): no unprivileged execution below.
@@ -327,7 +332,7 @@ pub fn translate_s2<M: GuestMemory>(
     }
     let leaf = geometry.walk(s2.ttb, ipa, ctx, |pa| read_desc(mem, pa, ctx))?;
     check_access_flag(leaf.desc, s2.affd, ctx)?;
-    let mapping = Mapping::from_leaf(ipa, &leaf, None, Some(Perm::stage2(leaf.desc)));
+    let mapping = Mapping::from_leaf(ipa, &leaf, None, Some(Perm::stage2(leaf.desc, s2.xnx)));
     check_access(mapping.s2, access, ctx)?;
     Ok(mapping)
 }
@@ -419,18 +424,26 @@ impl Perm {
     }
 
     /// Stage-2 permissions of the leaf descriptor `desc`: S2AP\[0\] (bit 6) read, S2AP\[1\]
-    /// (bit 7) write, XN (bit 54) execute-never, the same for privileged and unprivileged.
-    fn stage2(desc: u64) -> Perm {
+    /// (bit 7) write, the same for privileged and unprivileged; execute-never from XN. With
+    /// `xnx` (SMMU_IDR3.XNX, FEAT_XNX) XN\[1:0\] (bits 54:53) reads: 0b00 executable at both
+    /// levels, 0b01 not privileged (EL1), 0b10 at neither, 0b11 not unprivileged (EL0). Without
+    /// it XN\[1\] alone forbids execution at both and bit 53 is ignored.
+    fn stage2(desc: u64, xnx: bool) -> Perm {
         let read = has(desc, S2_AP_READ);
         let write = has(desc, S2_AP_WRITE);
-        let exec = !has(desc, S2_XN);
+        let (exec_priv, exec_user) = match (has(desc, S2_XN), xnx && has(desc, S2_XN0)) {
+            (false, false) => (true, true),
+            (false, true) => (false, true),
+            (true, false) => (false, false),
+            (true, true) => (true, false),
+        };
         Perm {
             read_priv: read,
             write_priv: write,
-            exec_priv: exec,
+            exec_priv,
             read_user: read,
             write_user: write,
-            exec_user: exec,
+            exec_user,
         }
     }
 }
@@ -1089,6 +1102,7 @@ mod tests {
             ttb,
             ps_bits: 48,
             affd: false,
+            xnx: true,
         }
     }
 
@@ -1963,6 +1977,55 @@ mod tests {
         }
     }
 
+    /// Stage-2 XN\[1:0\] with SMMU_IDR3.XNX (Arm ARM, FEAT_XNX: 0b00 executable at EL1 and
+    /// EL0, 0b01 not at EL1, 0b10 at neither, 0b11 not at EL0), and without it, where bit 53
+    /// is ignored and bit 54 forbids execution at both. A privileged transaction is EL1's.
+    #[test]
+    fn s2_execute_never_with_and_without_xnx() {
+        let m = mem();
+        let mut tables = Tables::new(&m, Granule::G4K, 39, 1, 0x10_0000);
+        let base = PTE_AF | s2_memattr(0xf) | PTE_S2AP_READ;
+        for xn in 0..4u64 {
+            tables.map(
+                0x1000 * (xn + 1),
+                3,
+                0x11000 + 0x1000 * xn,
+                base | (xn << 53),
+            );
+        }
+        // (XN[1:0], privileged exec allowed, unprivileged exec allowed)
+        let with_xnx = [
+            (0, true, true),
+            (1, false, true),
+            (2, false, false),
+            (3, true, false),
+        ];
+        let without = [
+            (0, true, true),
+            (1, true, true),
+            (2, false, false),
+            (3, false, false),
+        ];
+        for (xnx, table) in [(true, with_xnx), (false, without)] {
+            let s2 = Stage2Config {
+                xnx,
+                ..s2_config(Granule::G4K, 25, 1, tables.root)
+            };
+            for (xn, exec_priv, exec_user) in table {
+                let ipa = 0x1000 * (xn + 1) + 0x40;
+                for (privileged, allowed) in [(true, exec_priv), (false, exec_user)] {
+                    let access = AccessKind { privileged, ..EXEC };
+                    assert_eq!(
+                        t2(&m, &s2, ipa, access).is_ok(),
+                        allowed,
+                        "XNX {xnx}, XN {xn:#b}, privileged {privileged}"
+                    );
+                }
+                assert!(t2(&m, &s2, ipa, READ).is_ok(), "reads are not execution");
+            }
+        }
+    }
+
     #[test]
     fn s2_permissions_xn_and_access_flag() {
         let m = mem();
@@ -2125,7 +2188,7 @@ mod tests {
                 output_base: 0x3_0000_1000,
                 size_shift: 12,
                 s1: Some(Perm::stage1(S1_RW, 0)),
-                s2: Some(Perm::stage2(S2_RW)),
+                s2: Some(Perm::stage2(S2_RW, true)),
                 global: true,
             }
         );
@@ -2463,6 +2526,7 @@ mod tests {
                     ttb,
                     ps_bits,
                     affd,
+                    xnx: true,
                 };
                 if sl0.is_none() {
                     s2.sl0 = (0..3)
