@@ -44,6 +44,11 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::STATE)
     .union(Features::MSI);
 
+/// Most devices attached at once (ATTACH_DEVICE beyond it is NO_SPACE); a GET_DEVICE_SIDS
+/// reply can list them all.
+pub const MAX_DEVICES: usize = 256;
+const _: () = assert!(MAX_DEVICES <= viommu_protocol::MAX_DEVICE_SIDS);
+
 /// How long a peer may take to finish a message it started, or to answer on the backend
 /// channel, before the session gives up on it.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -653,6 +658,12 @@ impl Session {
             return Err(refuse(
                 Status::EXISTS,
                 format!("handle {} is attached", dev.handle),
+            ));
+        }
+        if self.devices.len() >= MAX_DEVICES {
+            return Err(refuse(
+                Status::NO_SPACE,
+                format!("{MAX_DEVICES} devices are attached, the most this backend serves"),
             ));
         }
         if dev.passthrough.is_some() {
@@ -1272,13 +1283,16 @@ impl Session {
         // Passthrough devices of the state are adopted when the frontend attaches them again,
         // after SET_STATE; every other device must be attached as it was.
         let host_state = state.passthrough.unwrap_or_default();
-        let expected: BTreeMap<u32, u32> = state
+        // Devices match by handle: a SID is a hint (the guest may have renumbered its buses
+        // since the state was taken), and every device's SID is confirmed again before the
+        // restored STEs are applied to it.
+        let expected: Vec<u32> = state
             .devices
-            .iter()
-            .filter(|(h, _)| !host_state.devices.contains_key(h))
-            .map(|(&h, &sid)| (h, sid))
+            .keys()
+            .filter(|h| !host_state.devices.contains_key(h))
+            .copied()
             .collect();
-        let attached: BTreeMap<u32, u32> = self.devices.iter().map(|(&h, d)| (h, d.sid)).collect();
+        let attached: Vec<u32> = self.devices.keys().copied().collect();
         if expected != attached {
             return Err(refuse(
                 Status::INCOMPATIBLE,

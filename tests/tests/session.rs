@@ -311,6 +311,10 @@ fn set_state_refuses_garbage_and_mismatches_and_the_session_goes_on() {
     let err = qemu.set_state(&good).unwrap_err();
     assert_eq!(remote_status(&err), Some(Status::INCOMPATIBLE), "{err:#}");
     qemu.detach(2).unwrap();
+    // The same handle at another SID matches: a SID is a hint (the guest may have renumbered
+    // its buses), confirmed again before the restored STEs apply (docs/protocol.md, SET_STATE).
+    qemu.detach(1).unwrap();
+    qemu.attach(1, 0x108).unwrap();
     qemu.set_state(&good).unwrap();
     // After the guest ran, SET_STATE is refused.
     qemu.id_regs().unwrap();
@@ -490,10 +494,19 @@ fn hostile_frontends_get_errors_and_the_daemon_serves_the_next() {
         ),
         "{err:?}"
     );
-    // The same handle twice: EXISTS.
+    // More devices than the backend serves: NO_SPACE, and the session goes on.
     qemu.frontend()
         .call(&FrontendRequest::SetConfig(default_config()))
         .unwrap();
+    for handle in 0..256u32 {
+        qemu.attach(1000 + handle, handle).unwrap();
+    }
+    let err = qemu.attach(2000, 0x300).unwrap_err();
+    assert_eq!(remote_status(&err), Some(Status::NO_SPACE), "{err:#}");
+    for handle in 0..256u32 {
+        qemu.detach(1000 + handle).unwrap();
+    }
+    // The same handle twice: EXISTS.
     qemu.attach(1, 8).unwrap();
     let err = qemu.attach(1, 9).unwrap_err();
     assert_eq!(remote_status(&err), Some(Status::EXISTS), "{err:#}");
