@@ -873,3 +873,36 @@ fn a_tlbi_by_address_invalidates_the_whole_translation_around_it() {
     assert!(d.port.take_error().is_none());
     qemu.close().unwrap();
 }
+
+/// An unknown request code: with NEED_REPLY it gets UNKNOWN_REQUEST and the session goes on;
+/// without, the daemon cannot know whether the sender waits for a reply, and closes the
+/// connection (docs/protocol.md, section 3). The daemon serves the next frontend either way.
+#[test]
+fn an_unknown_request_is_answered_only_with_need_reply() {
+    let mut daemon = Daemon::start("unknown");
+    let first = daemon.connect();
+    let raw = first.frontend().stream();
+    // Request 99, NEED_REPLY (flags 0x9), no payload.
+    (&*raw)
+        .write_all(&[99, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let reply = viommu_protocol::socket::recv_message(raw).unwrap();
+    assert_eq!(reply.header.request, 99);
+    assert_eq!(
+        reply.payload.get(..4).unwrap(),
+        &2u32.to_le_bytes(),
+        "UNKNOWN_REQUEST"
+    );
+    first
+        .frontend()
+        .call(&FrontendRequest::GetFeatures)
+        .expect("the session goes on");
+    // Request 99 without NEED_REPLY: the connection closes.
+    (&*raw)
+        .write_all(&[99, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let err = viommu_protocol::socket::recv_message(raw).unwrap_err();
+    assert!(err.is_fatal(), "{err:?}");
+    daemon.assert_alive();
+    started(&daemon).close().unwrap();
+}
