@@ -119,11 +119,15 @@ impl Features {
             .with_ssidsize(self.ssid_bits.min(20))
             .with_eventqs(self.eventqs)
             .with_cmdqs(self.cmdqs);
+        // IHI 0070, SMMU_IDR3: HAD is mandatory with stage 1 and 0 without; XNX is mandatory
+        // with stage 2 from SMMUv3.1; RIL is 1, and BBML 1 or 2, in every SMMUv3.2. So the
+        // model is an SMMUv3.2 with range invalidation and an SMMUv3.1 (BBML RES0) without.
+        let v3_2 = self.ril;
         let idr3 = Idr3::new()
-            .with_had(true)
+            .with_had(self.s1p)
             .with_xnx(self.xnx())
             .with_ril(self.ril)
-            .with_bbml(2);
+            .with_bbml(if v3_2 { 2 } else { 0 });
         let idr5 = Idr5::new()
             .with_oas(address_size_encoding(self.oas_bits).unwrap_or(4))
             .with_gran4k(true)
@@ -139,8 +143,8 @@ impl Features {
                 idr5.into_bits(),
             ],
             iidr: 0,
-            // SMMUv3.2: range invalidation and BBML are v3.2 features.
-            aidr: 0x2,
+            // AIDR.ArchMinorRev: SMMUv3.2 or SMMUv3.1, as IDR3 says.
+            aidr: if v3_2 { 0x2 } else { 0x1 },
         }
     }
 }
@@ -163,6 +167,26 @@ mod tests {
         assert_eq!(regs.idr[3], 0x1404);
         // OAS=44 bits (4), GRAN4K, GRAN16K, GRAN64K.
         assert_eq!(regs.idr[5], 0x74);
+    }
+
+    /// IHI 0070, SMMU_IDR3 and SMMU_AIDR: without range invalidation the SMMU is an SMMUv3.1
+    /// (RIL is 1 in every SMMUv3.2, BBML RES0 before it); HAD only with stage 1.
+    #[test]
+    fn architecture_revision_follows_the_features() {
+        let v3_1 = Features {
+            ril: false,
+            ..Features::qemu_default()
+        }
+        .id_regs();
+        assert_eq!((v3_1.idr[3], v3_1.aidr), (0x0004, 1), "HAD only");
+        let s2_only = Features {
+            s1p: false,
+            s2p: true,
+            ..Features::qemu_default()
+        }
+        .id_regs();
+        assert_eq!((s2_only.idr[3], s2_only.aidr), (0x1410, 2), "XNX, RIL, BBML=2");
+        assert_eq!(Features::qemu_default().id_regs().aidr, 2);
     }
 
     /// With stage 2, IDR3 is QEMU's 0x1414 for the same configuration: HAD, XNX, RIL, BBML=2.
