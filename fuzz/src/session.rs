@@ -1,0 +1,731 @@
+//! The `session` target's input and harness: whole sessions fed structure-aware message
+//! sequences through `Session::handle_request`, with real memfd guest RAM, eventfds, a
+//! backend channel answered by a mock frontend thread (or with its peer closed), and the
+//! in-memory host double behind SET_IOMMUFD.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
+use viommu_backend::host::double::{HostDouble, NESTING_HW};
+use viommu_backend::host::{
+    HostDevice, HostError, HostIommu, HwInfo, InvalidateError, ObjectId, RawCmd, VEvent, VSte,
+};
+use viommu_backend::session::{Session, SessionOptions};
+use viommu_backend::smmuv3::spec::regs::offset;
+use viommu_protocol::message::{Reply, Request};
+use viommu_protocol::types::{
+    Access, AccessSize, ConfigFlags, Features, IrqIndex, MemRegion, MmioAccess, PassthroughIds,
+    TranslateRequest,
+};
+use viommu_protocol::{
+    AttachDevice, BackendReply, BackendRequest, DeviceSid, ErrorReply, FrontendChannel,
+    FrontendReply, FrontendRequest, Incoming, Passthrough, StateBlob, Status,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::world::{Addr, Cmd, ModelSel, Reg, World, WorldSpec};
+use crate::{fuzz_enum, fuzz_struct};
+
+/// Sizes of the memfds an input can map (slot 0 holds the world's RAM0 layout).
+pub const MEMFD_SIZES: [u64; 3] = [8 << 20, 1 << 20, 64 << 10];
+/// Devices the host double knows (iommufd device IDs).
+pub const HOST_DEVICES: [u32; 2] = [100, 101];
+
+fuzz_enum! {
+    /// Where a region is.
+    pub enum GpaSel {
+        /// Slot 0 at guest address 0, all of it (RAM0 of the world).
+        Ram0,
+        /// Slot 1 at RAM1's address.
+        Ram1,
+        /// Anywhere, any size.
+        Raw { slot: u8, gpa_page: u32, pages: u16, offset_page: u16 },
+    }
+}
+
+impl GpaSel {
+    /// The region and which memfd backs it.
+    pub fn region(&self) -> (usize, MemRegion) {
+        match *self {
+            GpaSel::Ram0 => (
+                0,
+                MemRegion {
+                    gpa: 0,
+                    size: MEMFD_SIZES[0],
+                    mmap_offset: 0,
+                },
+            ),
+            GpaSel::Ram1 => (
+                1,
+                MemRegion {
+                    gpa: crate::world::RAM1.0,
+                    size: MEMFD_SIZES[1],
+                    mmap_offset: 0,
+                },
+            ),
+            GpaSel::Raw {
+                slot,
+                gpa_page,
+                pages,
+                offset_page,
+            } => (
+                usize::from(slot) % MEMFD_SIZES.len(),
+                MemRegion {
+                    gpa: u64::from(gpa_page) << 12,
+                    size: u64::from(pages) << 12,
+                    mmap_offset: u64::from(offset_page) << 12,
+                },
+            ),
+        }
+    }
+}
+
+fuzz_enum! {
+    /// How SET_BACKEND_CHANNEL's socket behaves.
+    pub enum ChannelMode {
+        /// A mock frontend answers every request.
+        Answered { fail_every: u8 },
+        /// Its peer is closed: every call fails at once.
+        Closed,
+    }
+}
+
+fuzz_enum! {
+    /// Where SET_STATE's blob comes from.
+    pub enum StateSrc {
+        /// The last GET_STATE blob, with bytes changed.
+        Last { edits: Vec<[u16; 2]>, cut: u16 },
+        /// Arbitrary bytes.
+        Raw { bytes: Vec<u8> },
+    }
+}
+
+fuzz_enum! {
+    /// One step of the frontend (or of the guest behind it).
+    pub enum Msg {
+        GetFeatures,
+        SetFeatures { bits: u8 },
+        SetConfig { model: ModelSel, idr_auto: bool },
+        GetIdRegs,
+        SetBackendChannel { mode: ChannelMode },
+        SetMemTable { regions: Vec<GpaSel> },
+        GetMaxMemSlots,
+        AddMemReg { region: GpaSel },
+        RemMemReg { region: GpaSel },
+        SetIrqFd { index: u8, fd: Option<u8> },
+        MmioRead { reg: Reg },
+        MmioReadRaw { offset: u32, wide: bool },
+        MmioWrite { reg: Reg, value: u64 },
+        MmioWriteRaw { offset: u32, wide: bool, value: u64 },
+        SetIommufd,
+        Attach { handle: u8, sid: u32, passthrough: Option<[u8; 2]> },
+        Detach { handle: u8 },
+        Translate { sid: u32, ssid: Option<u32>, iova: u64, access: u8 },
+        Reset,
+        GetState,
+        SetState { src: StateSrc },
+        /// The guest builds a world in RAM and enables the vSMMU on it (MMIO writes).
+        Guest { world: WorldSpec },
+        /// The guest writes words to RAM.
+        Mem { addr: Addr, words: Vec<u64> },
+        /// The guest queues commands at CMDQ_PROD and publishes them.
+        Cmds { cmds: Vec<Cmd> },
+        /// The guest consumes its events (EVENTQ_CONS = EVENTQ_PROD).
+        ConsumeEvents,
+        /// The guest renumbers a bus: the frontend's view of a device's SID changes.
+        Renumber { handle: u8, sid: u32 },
+        /// The host SMMU reports an event for a passthrough device.
+        HostEvent { device: u8, record: [u64; 4] },
+    }
+}
+
+fuzz_struct! {
+    /// A session.
+    pub struct Input {
+        msgs: Vec<Msg>,
+    }
+}
+
+/// The host double, shared between the harness and the session.
+#[derive(Debug, Clone)]
+pub struct Shared(pub Arc<Mutex<HostDouble>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HostDouble> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A double with [`HOST_DEVICES`] and a nesting-parent S2 HWPT; returns it and the HWPT.
+    pub fn new() -> (Self, ObjectId) {
+        let mut d = HostDouble::new(NESTING_HW);
+        for (i, dev) in HOST_DEVICES.iter().enumerate() {
+            d.add_device(*dev, 0x500 + i as u32, None)
+                .expect("host device");
+        }
+        let s2 = d.alloc_s2_hwpt(0).expect("S2 HWPT");
+        (Self(Arc::new(Mutex::new(d))), s2)
+    }
+}
+
+impl HostIommu for Shared {
+    fn hw_info(&mut self, dev_id: u32) -> Result<HwInfo, HostError> {
+        self.lock().hw_info(dev_id)
+    }
+    fn alloc_viommu(&mut self, dev_id: u32, s2: ObjectId) -> Result<ObjectId, HostError> {
+        self.lock().alloc_viommu(dev_id, s2)
+    }
+    fn alloc_vdevice(&mut self, v: ObjectId, dev: u32, vsid: u64) -> Result<ObjectId, HostError> {
+        self.lock().alloc_vdevice(v, dev, vsid)
+    }
+    fn alloc_nested_hwpt(
+        &mut self,
+        v: ObjectId,
+        dev: u32,
+        ste: VSte,
+    ) -> Result<ObjectId, HostError> {
+        self.lock().alloc_nested_hwpt(v, dev, ste)
+    }
+    fn attach(&mut self, dev: &HostDevice, pt: ObjectId) -> Result<(), HostError> {
+        self.lock().attach(dev, pt)
+    }
+    fn invalidate(&mut self, v: ObjectId, cmds: &[RawCmd]) -> Result<(), InvalidateError> {
+        self.lock().invalidate(v, cmds)
+    }
+    fn alloc_veventq(&mut self, v: ObjectId, depth: u32) -> Result<(ObjectId, OwnedFd), HostError> {
+        self.lock().alloc_veventq(v, depth)
+    }
+    fn read_vevents(
+        &mut self,
+        q: ObjectId,
+        fd: std::os::fd::BorrowedFd<'_>,
+        out: &mut Vec<VEvent>,
+    ) -> Result<usize, HostError> {
+        self.lock().read_vevents(q, fd, out)
+    }
+    fn destroy(&mut self, id: ObjectId) -> Result<(), HostError> {
+        self.lock().destroy(id)
+    }
+}
+
+/// What the mock frontend knows: where each attached device is now.
+#[derive(Debug, Default)]
+pub struct FrontState {
+    /// handle -> SID.
+    pub devices: BTreeMap<u32, u32>,
+    /// Answer every n-th request with an error (0: never).
+    pub fail_every: u8,
+    /// Requests answered.
+    pub answered: u64,
+}
+
+type Job = (UnixStream, Arc<Mutex<FrontState>>, Sender<()>);
+
+/// The one thread that plays the frontend's end of every backend channel, one channel at a
+/// time (a session's channel ends when the session is dropped).
+fn responder() -> &'static Mutex<Sender<Job>> {
+    static TX: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = channel::<Job>();
+        std::thread::spawn(move || {
+            for (stream, state, done) in rx {
+                serve(FrontendChannel::new(stream), &state);
+                let _ = done.send(());
+            }
+        });
+        Mutex::new(tx)
+    })
+}
+
+fn serve(chan: FrontendChannel, state: &Mutex<FrontState>) {
+    loop {
+        let Incoming { request, token } = match chan.recv() {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                if let Some(token) = e.reply_token() {
+                    let _ = chan.reply_error(token, &ErrorReply::new(e.reply_status(), "bad"));
+                    continue;
+                }
+                return;
+            }
+        };
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        st.answered += 1;
+        let fail = st.fail_every != 0 && st.answered % u64::from(st.fail_every) == 0;
+        let reply = if fail {
+            Err(ErrorReply::new(
+                Status::INTERNAL,
+                "the mock frontend refuses",
+            ))
+        } else {
+            Ok(match request {
+                BackendRequest::ResolveSid { sid } => BackendReply::ResolveSid(
+                    st.devices.iter().find(|(_, s)| **s == sid).map(|(h, _)| *h),
+                ),
+                BackendRequest::GetDeviceSids => BackendReply::DeviceSids(
+                    st.devices
+                        .iter()
+                        .map(|(&handle, &sid)| DeviceSid { handle, sid })
+                        .collect(),
+                ),
+                _ => BackendReply::Ack,
+            })
+        };
+        drop(st);
+        if chan.reply(token, reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// One input's run: the session, its descriptors and what the frontend knows.
+pub struct Harness {
+    session: Session,
+    _peer: UnixStream,
+    memfds: Vec<OwnedFd>,
+    table: Vec<(usize, MemRegion)>,
+    front: Arc<Mutex<FrontState>>,
+    served: Vec<Receiver<()>>,
+    host: Shared,
+    s2_hwpt: ObjectId,
+    last_state: Vec<u8>,
+    features: viommu_backend::smmuv3::Features,
+    /// Requests the protocol could not carry (skipped).
+    pub undecodable: u64,
+    /// Print every request and its result (for looking at an input by hand).
+    pub trace: bool,
+}
+
+fn memfd(size: u64) -> OwnedFd {
+    let fd = memfd_create("fuzz-ram", MemfdFlags::CLOEXEC).expect("memfd_create");
+    ftruncate(&fd, size).expect("ftruncate");
+    fd
+}
+
+fn eventfd() -> OwnedFd {
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd")
+}
+
+impl Harness {
+    /// A fresh session.
+    pub fn new() -> Self {
+        let (ours, peer) = UnixStream::pair().expect("socketpair");
+        let (host, s2_hwpt) = Shared::new();
+        let factory_host = host.clone();
+        let options = SessionOptions {
+            host: Arc::new(move |_fd| Ok(Box::new(factory_host.clone()) as Box<dyn HostIommu>)),
+            ..SessionOptions::default()
+        };
+        Self {
+            session: Session::with_options(ours, options),
+            _peer: peer,
+            memfds: MEMFD_SIZES.iter().map(|&s| memfd(s)).collect(),
+            table: Vec::new(),
+            front: Arc::new(Mutex::new(FrontState::default())),
+            served: Vec::new(),
+            host,
+            s2_hwpt,
+            last_state: Vec::new(),
+            features: viommu_backend::smmuv3::Features::qemu_default(),
+            undecodable: 0,
+            trace: std::env::var_os("VIOMMU_FUZZ_TRACE").is_some(),
+        }
+    }
+
+    /// Sends a request the way it would cross the socket: encoded, decoded (with duplicated
+    /// descriptors), handled. Checks that a successful reply is the kind the request takes
+    /// and survives the codec too.
+    pub fn send(&mut self, req: FrontendRequest) -> Option<Result<FrontendReply, ErrorReply>> {
+        let code = req.code();
+        let enc = req.encode();
+        let fds: Vec<OwnedFd> = enc
+            .fds
+            .iter()
+            .map(|f| f.try_clone_to_owned().expect("dup"))
+            .collect();
+        let Ok(decoded) = FrontendRequest::decode(code, &enc.payload, fds) else {
+            self.undecodable += 1;
+            if self.trace {
+                eprintln!("{}: not decodable", req.name());
+            }
+            return None;
+        };
+        let name = req.name();
+        drop(enc);
+        drop(req);
+        let result = self.session.handle_request(decoded);
+        if self.trace {
+            eprintln!("{name}: {result:?}");
+        }
+        match &result {
+            Ok(reply) => {
+                assert!(reply.answers(code), "{reply:?} answers request {code}");
+                let enc = reply.encode();
+                let fds = enc
+                    .fds
+                    .iter()
+                    .map(|f| f.try_clone_to_owned().expect("dup"))
+                    .collect();
+                FrontendReply::decode(code, &enc.payload, fds)
+                    .expect("the session's reply does not decode");
+            }
+            Err(e) => {
+                assert_ne!(e.status, Status::OK, "an error reply with status OK");
+                assert!(e.message.len() <= 1024);
+            }
+        }
+        Some(result)
+    }
+
+    fn mmio_read(&mut self, off: u64, size: u32) -> u64 {
+        let access = MmioAccess {
+            offset: off,
+            size: if size == 8 {
+                AccessSize::Qword
+            } else {
+                AccessSize::Dword
+            },
+        };
+        match self.send(FrontendRequest::MmioRead(access)) {
+            Some(Ok(FrontendReply::MmioValue(v))) => v,
+            _ => 0,
+        }
+    }
+
+    fn mmio_write(&mut self, off: u64, size: u32, value: u64) {
+        let access = MmioAccess {
+            offset: off,
+            size: if size == 8 {
+                AccessSize::Qword
+            } else {
+                AccessSize::Dword
+            },
+        };
+        let value = if size == 4 {
+            value & 0xffff_ffff
+        } else {
+            value
+        };
+        self.send(FrontendRequest::MmioWrite { access, value });
+    }
+
+    /// The guest's view of RAM: the accepted memory table, mapped again.
+    fn view(&self) -> Option<GuestMemoryMmap<()>> {
+        let mut regions = Vec::new();
+        for (slot, r) in &self.table {
+            let fd = self.memfds[*slot].try_clone().ok()?;
+            regions.push(viommu_backend::memory::map_region(r, fd).ok()?);
+        }
+        GuestMemoryMmap::from_arc_regions(regions).ok()
+    }
+
+    fn region_fd(&self, slot: usize) -> OwnedFd {
+        self.memfds[slot].try_clone().expect("dup")
+    }
+
+    /// Runs one step.
+    pub fn step(&mut self, msg: &Msg) {
+        match msg {
+            Msg::GetFeatures => {
+                self.send(FrontendRequest::GetFeatures);
+            }
+            Msg::SetFeatures { bits } => {
+                let f = Features::from_bits_truncate(u64::from(*bits));
+                self.send(FrontendRequest::SetFeatures(f));
+            }
+            Msg::SetConfig { model, idr_auto } => {
+                let mut cfg = model.config();
+                if *idr_auto {
+                    cfg.flags = ConfigFlags::IDR_AUTO
+                        | ConfigFlags::STAGE1
+                        | (cfg.flags & ConfigFlags::MSI);
+                    cfg.oas_bits = 0;
+                    cfg.ssid_bits = 0;
+                }
+                if let Some(Ok(_)) = self.send(FrontendRequest::SetConfig(cfg)) {
+                    self.features = viommu_backend::smmuv3::Features::from_config(&cfg);
+                }
+            }
+            Msg::GetIdRegs => {
+                self.send(FrontendRequest::GetIdRegs);
+            }
+            Msg::SetBackendChannel { mode } => {
+                let (ours, theirs) = UnixStream::pair().expect("socketpair");
+                let (done_tx, done_rx) = channel();
+                let answered = match mode {
+                    ChannelMode::Answered { fail_every } => {
+                        self.front
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .fail_every = *fail_every;
+                        true
+                    }
+                    ChannelMode::Closed => false,
+                };
+                let accepted = matches!(
+                    self.send(FrontendRequest::SetBackendChannel(ours)),
+                    Some(Ok(_))
+                );
+                if answered && accepted {
+                    responder()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .send((theirs, self.front.clone(), done_tx))
+                        .expect("responder thread");
+                    self.served.push(done_rx);
+                }
+            }
+            Msg::SetMemTable { regions } => {
+                let table: Vec<(usize, MemRegion)> =
+                    regions.iter().take(9).map(GpaSel::region).collect();
+                let req = table
+                    .iter()
+                    .map(|(s, r)| (*r, self.region_fd(*s)))
+                    .collect();
+                if let Some(Ok(_)) = self.send(FrontendRequest::SetMemTable(req)) {
+                    self.table = table;
+                }
+            }
+            Msg::GetMaxMemSlots => {
+                self.send(FrontendRequest::GetMaxMemSlots);
+            }
+            Msg::AddMemReg { region } => {
+                let (slot, r) = region.region();
+                let fd = self.region_fd(slot);
+                if let Some(Ok(_)) = self.send(FrontendRequest::AddMemReg(r, fd)) {
+                    self.table.push((slot, r));
+                }
+            }
+            Msg::RemMemReg { region } => {
+                let (slot, r) = region.region();
+                if let Some(Ok(_)) = self.send(FrontendRequest::RemMemReg(r)) {
+                    self.table
+                        .retain(|(s, t)| !(*s == slot && t.gpa == r.gpa && t.size == r.size));
+                }
+            }
+            Msg::SetIrqFd { index, fd } => {
+                let index = IrqIndex::ALL[usize::from(*index) % 4];
+                let fd = fd.map(|k| crate::fds::make_fd(k).fd);
+                self.send(FrontendRequest::SetIrqFd { index, fd });
+            }
+            Msg::MmioRead { reg } => {
+                let (off, size) = reg.offset();
+                self.mmio_read(off, size);
+            }
+            Msg::MmioReadRaw { offset, wide } => {
+                let size = if *wide { 8 } else { 4 };
+                self.mmio_read(u64::from(*offset) % 0x2_0000 & !u64::from(size - 1), size);
+            }
+            Msg::MmioWrite { reg, value } => {
+                let (off, size) = reg.offset();
+                self.mmio_write(off, size, *value);
+            }
+            Msg::MmioWriteRaw {
+                offset,
+                wide,
+                value,
+            } => {
+                let size = if *wide { 8 } else { 4 };
+                let off = u64::from(*offset) % 0x2_0000 & !u64::from(size - 1);
+                self.mmio_write(off, size, *value);
+            }
+            Msg::SetIommufd => {
+                self.send(FrontendRequest::SetIommufd(eventfd()));
+            }
+            Msg::Attach {
+                handle,
+                sid,
+                passthrough,
+            } => {
+                let handle = u32::from(*handle % 8);
+                let passthrough = passthrough.map(|[dev, hwpt]| Passthrough {
+                    ids: PassthroughIds {
+                        devid: HOST_DEVICES
+                            .get(usize::from(dev % 3))
+                            .copied()
+                            .unwrap_or(u32::from(dev)),
+                        s2_hwpt_id: if hwpt == 0 {
+                            self.s2_hwpt
+                        } else {
+                            u32::from(hwpt)
+                        },
+                    },
+                    cdev: eventfd(),
+                });
+                let req = FrontendRequest::AttachDevice(AttachDevice {
+                    handle,
+                    sid: *sid,
+                    passthrough,
+                });
+                // The frontend knows the device before the backend's announcements.
+                let before = self.front_lock().devices.insert(handle, *sid);
+                if !matches!(self.send(req), Some(Ok(_))) {
+                    let mut front = self.front_lock();
+                    match before {
+                        Some(old) => front.devices.insert(handle, old),
+                        None => front.devices.remove(&handle),
+                    };
+                }
+            }
+            Msg::Detach { handle } => {
+                let handle = u32::from(*handle % 8);
+                if let Some(Ok(_)) = self.send(FrontendRequest::DetachDevice { handle }) {
+                    self.front_lock().devices.remove(&handle);
+                }
+            }
+            Msg::Translate {
+                sid,
+                ssid,
+                iova,
+                access,
+            } => {
+                self.send(FrontendRequest::Translate(TranslateRequest {
+                    sid: *sid,
+                    ssid: ssid.map(|s| s & 0xf_ffff),
+                    iova: *iova,
+                    access: Access::from_bits_truncate(u32::from(*access)),
+                }));
+            }
+            Msg::Reset => {
+                self.send(FrontendRequest::Reset);
+            }
+            Msg::GetState => {
+                if let Some(Ok(FrontendReply::State(blob))) = self.send(FrontendRequest::GetState) {
+                    let mut buf = vec![0u8; usize::try_from(blob.size).unwrap_or(0)];
+                    let n = rustix::io::pread(blob.fd.as_fd(), &mut buf, 0).unwrap_or(0);
+                    buf.truncate(n);
+                    self.last_state = buf;
+                }
+            }
+            Msg::SetState { src } => {
+                let bytes = match src {
+                    StateSrc::Last { edits, cut } => {
+                        let mut b = self.last_state.clone();
+                        for [pos, val] in edits.iter().take(16) {
+                            if !b.is_empty() {
+                                let i = usize::from(*pos) % b.len();
+                                b[i] = *val as u8;
+                            }
+                        }
+                        let keep = b.len().saturating_sub(usize::from(*cut % 4));
+                        b.truncate(keep);
+                        b
+                    }
+                    StateSrc::Raw { bytes } => bytes.clone(),
+                };
+                let fd = memfd(0);
+                let _ = rustix::io::pwrite(&fd, &bytes, 0);
+                self.send(FrontendRequest::SetState(StateBlob {
+                    size: bytes.len() as u64,
+                    fd,
+                }));
+            }
+            Msg::Guest { world } => {
+                // The builders allocate from the world's layout: RAM0 must be there.
+                let Some(view) = self.view().filter(|v| {
+                    v.check_range(
+                        GuestAddress(0),
+                        crate::world::RAM0.1 as usize,
+                        vm_memory::Permissions::ReadWrite,
+                    )
+                }) else {
+                    return;
+                };
+                let mut spec = world.clone();
+                spec.model = sel_of(&self.features);
+                let mut w = World::build_in(view, &spec);
+                for (off, size, value) in w.register_writes() {
+                    self.mmio_write(off, size, value);
+                }
+            }
+            Msg::Mem { addr, words } => {
+                let Some(view) = self.view() else {
+                    return;
+                };
+                let mut a = addr.resolve();
+                for word in words.iter().take(64) {
+                    let _ = view.write_obj(*word, GuestAddress(a));
+                    a = a.wrapping_add(8);
+                }
+            }
+            Msg::Cmds { cmds } => {
+                let Some(view) = self.view() else {
+                    return;
+                };
+                let base = self.mmio_read(offset::CMDQ_BASE, 8);
+                let mut prod = self.mmio_read(offset::CMDQ_PROD, 4) as u32;
+                let log2 = (base & 0x1f).min(u64::from(self.features.cmdqs)) as u32;
+                let addr = base & 0x000f_ffff_ffff_ffe0 & !((16u64 << log2) - 1).max(31);
+                let mask = (2u32 << log2) - 1;
+                for cmd in cmds.iter().take(64) {
+                    let idx = u64::from(prod & ((1 << log2) - 1));
+                    let [d0, d1] = cmd.words();
+                    let _ = view.write_obj(d0, GuestAddress(addr + idx * 16));
+                    let _ = view.write_obj(d1, GuestAddress(addr + idx * 16 + 8));
+                    prod = (prod & !mask) | (prod.wrapping_add(1) & mask);
+                }
+                self.mmio_write(offset::CMDQ_PROD, 4, u64::from(prod));
+            }
+            Msg::ConsumeEvents => {
+                let prod = self.mmio_read(offset::EVENTQ_PROD, 4);
+                self.mmio_write(offset::EVENTQ_CONS, 4, prod & 0x800f_ffff);
+            }
+            Msg::Renumber { handle, sid } => {
+                let handle = u32::from(*handle % 8);
+                if let Some(s) = self.front_lock().devices.get_mut(&handle) {
+                    *s = *sid;
+                }
+            }
+            Msg::HostEvent { device, record } => {
+                let dev = HOST_DEVICES[usize::from(*device) % HOST_DEVICES.len()];
+                let _ = self.host.lock().inject_event(dev, *record);
+                let _ = self.session.handle_host_events();
+            }
+        }
+    }
+
+    fn front_lock(&self) -> MutexGuard<'_, FrontState> {
+        self.front.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the session and waits until the mock frontend has let go of its channels.
+    pub fn finish(self) {
+        let Harness {
+            session, served, ..
+        } = self;
+        let _ = session.status_line();
+        drop(session);
+        for done in served {
+            let _ = done.recv();
+        }
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The model selection that gives `f` (for worlds built for a configured session).
+fn sel_of(f: &viommu_backend::smmuv3::Features) -> ModelSel {
+    let oas = crate::world::OAS
+        .iter()
+        .position(|&o| o == f.oas_bits)
+        .unwrap_or(4) as u8;
+    ModelSel {
+        stage1: f.s1p,
+        stage2: f.s2p,
+        ril: f.ril,
+        ats: f.ats,
+        msi: f.msi,
+        oas,
+        sid_bits: f.sid_bits.saturating_sub(1),
+        ssid_bits: f.ssid_bits,
+        cmdq_log2: f.cmdqs.saturating_sub(1),
+        evtq_log2: f.eventqs.saturating_sub(1),
+    }
+}
