@@ -59,7 +59,12 @@ impl Patience {
     }
 
     /// Waits until `stream` is ready for `events`, the deadline passes or the cancel fd fires.
-    fn wait(&self, stream: &UnixStream, events: PollFlags, deadline: Option<Instant>) -> Result<()> {
+    fn wait(
+        &self,
+        stream: &UnixStream,
+        events: PollFlags,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         loop {
             let left = match deadline {
                 Some(deadline) => {

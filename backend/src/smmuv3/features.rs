@@ -185,7 +185,11 @@ mod tests {
             ..Features::qemu_default()
         }
         .id_regs();
-        assert_eq!((s2_only.idr[3], s2_only.aidr), (0x1410, 2), "XNX, RIL, BBML=2");
+        assert_eq!(
+            (s2_only.idr[3], s2_only.aidr),
+            (0x1410, 2),
+            "XNX, RIL, BBML=2"
+        );
         assert_eq!(Features::qemu_default().id_regs().aidr, 2);
     }
 
