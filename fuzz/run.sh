@@ -4,9 +4,9 @@
 #   run.sh smoke               build every target, fuzz each for FUZZ_SECONDS (60) on a scratch
 #                              copy of its corpus, then replay every committed corpus and
 #                              regression input; ends with "N passed, M failed"
-#   run.sh long TARGET EXECS   a long campaign of EXECS executions (-runs=EXECS) on a working
-#                              corpus under fuzz/target/long/, then its exec count, exec/s
-#                              and coverage
+#   run.sh long TARGET EXECS   a long campaign of EXECS executions (-runs=EXECS; at most
+#                              FUZZ_MAX_SECONDS if set) on a working corpus under
+#                              fuzz/target/long/, then its exec count, exec/s and coverage
 #   run.sh seeds               rewrite fuzz/corpus/ with the seed generator
 #
 # Exit status: 0 all passed, 1 something failed, 77 (with a line "SKIPPED: ...") when
@@ -36,7 +36,7 @@ seconds="${FUZZ_SECONDS:-60}"
 common=(-timeout=10 -rss_limit_mb=4096 -max_len=8192 -print_final_stats=1)
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -182,8 +182,11 @@ long() {
     cp -rn "$here/corpus/$t/." "$work/" 2>/dev/null
     has_inputs "$here/regressions/$t" && cp -rn "$here/regressions/$t/." "$work/"
     local log="$here/target/long/$t.log"
-    "$(bin "$t")" "$work" "${common[@]}" -runs="$execs" -artifact_prefix="$artifacts/" \
-        >"$log" 2>&1
+    # FUZZ_MAX_SECONDS bounds a campaign in time as well (whichever comes first).
+    local budget=()
+    [ -n "${FUZZ_MAX_SECONDS:-}" ] && budget=(-max_total_time="$FUZZ_MAX_SECONDS")
+    "$(bin "$t")" "$work" "${common[@]}" -runs="$execs" "${budget[@]}" \
+        -artifact_prefix="$artifacts/" >"$log" 2>&1
     local rc=$?
     echo "$t: $(stats "$log") (exit $rc; log $log)"
     if [ $rc -ne 0 ]; then
