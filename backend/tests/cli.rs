@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use viommu_protocol::{Error, Features, Frontend, FrontendReply, FrontendRequest, Status};
@@ -207,6 +207,23 @@ fn a_hostile_frontend_does_not_stop_the_daemon() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sends SIGTERM to `child` and waits for it to exit, at most `limit` (else fails with `why`).
+fn terminate(child: &mut std::process::Child, limit: Duration, why: &str) -> ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(sent.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the daemon") {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "{why}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// SIGTERM ends the daemon promptly and cleanly, with a frontend connected or not, and the
 /// socket file goes with it.
 #[test]
@@ -229,22 +246,11 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
             drop(again);
             std::thread::sleep(Duration::from_millis(50));
         }
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "the daemon ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = terminate(
+            &mut child,
+            Duration::from_secs(5),
+            "the daemon ignored SIGTERM",
+        );
         assert!(status.success(), "connected {connected}: {status:?}");
         assert!(!socket.exists(), "the socket file is removed");
         let _ = std::fs::remove_dir_all(&dir);
@@ -310,22 +316,11 @@ fn sigterm_cuts_a_wait_for_the_frontend_short() {
             drop(waiter);
         }
         std::thread::sleep(Duration::from_millis(100));
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(4),
-                "{case}: SIGTERM waited for the frontend's timeout"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = terminate(
+            &mut child,
+            Duration::from_secs(4),
+            &format!("{case}: SIGTERM waited for the frontend's timeout"),
+        );
         assert!(status.success(), "{case}: {status:?}");
         assert!(!socket.exists(), "{case}: the socket file is removed");
         let _ = std::fs::remove_dir_all(&dir);

@@ -475,6 +475,69 @@ fn perm_for(access: Access) -> viommu_protocol::Perm {
     perm
 }
 
+/// A daemon of the built `viommu-backend` listening on a socket in a private directory (under
+/// its default sandbox, logging errors only), serving one frontend after another; killed and
+/// its directory removed on drop. What the whole-session suites start.
+#[derive(Debug)]
+pub struct PrivateDaemon {
+    process: Option<BackendProcess>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl PrivateDaemon {
+    /// Starts one; `name` tells its directory from other tests' of this process.
+    pub fn start(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("viommu-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).context("creating the daemon's directory")?;
+        let socket = dir.join("vsmmu.sock");
+        let process = BackendProcess::spawn_with(
+            &backend_binary_built()?,
+            &socket,
+            &["--log-level", "error"],
+        )?;
+        Ok(Self {
+            process: Some(process),
+            dir,
+            socket,
+        })
+    }
+
+    /// A mock QEMU connected to it (waiting for it to listen).
+    pub fn connect(&self) -> anyhow::Result<MockQemu> {
+        MockQemu::connect(&self.socket, Duration::from_secs(10))
+    }
+
+    /// A plain connection, once the daemon listens (after a first [`PrivateDaemon::connect`]).
+    pub fn raw(&self) -> anyhow::Result<UnixStream> {
+        UnixStream::connect(&self.socket).context("connecting to the daemon")
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The process.
+    pub fn process(&mut self) -> Option<&mut BackendProcess> {
+        self.process.as_mut()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(BackendProcess::is_running)
+    }
+}
+
+impl Drop for PrivateDaemon {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A `viommu-backend` process started for a test or the demo, killed on drop.
 #[derive(Debug)]
 pub struct BackendProcess {

@@ -30,17 +30,7 @@ impl MemfdRam {
         ftruncate(&fd, size).context("sizing the guest RAM memfd")?;
         fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .context("sealing the guest RAM memfd")?;
-        let region = MemRegion {
-            gpa,
-            size,
-            mmap_offset: 0,
-        };
-        let file = File::from(fd);
-        let mapped = map_region(&region, file.try_clone()?.into())
-            .context("mapping guest RAM in the mock peer")?;
-        let mem = GuestMemoryMmap::from_arc_regions(vec![mapped])
-            .context("building the guest memory map")?;
-        Ok(Self { file, region, mem })
+        Self::mapped(fd, gpa, size)
     }
 
     /// `size` bytes of RAM that the frontend can still shrink (as hugetlbfs and disk files
@@ -48,6 +38,11 @@ impl MemfdRam {
     pub fn unsealed(gpa: u64, size: u64) -> anyhow::Result<Self> {
         let fd = memfd_create("mock-qemu-ram", MemfdFlags::CLOEXEC).context("memfd_create")?;
         ftruncate(&fd, size).context("sizing the guest RAM memfd")?;
+        Self::mapped(fd, gpa, size)
+    }
+
+    /// Maps the sized memfd `fd` here, as the RAM at `gpa`.
+    fn mapped(fd: OwnedFd, gpa: u64, size: u64) -> anyhow::Result<Self> {
         let region = MemRegion {
             gpa,
             size,

@@ -17,9 +17,6 @@
     clippy::arithmetic_side_effects
 )]
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use viommu_protocol::{Access, AddressSpace};
 use viommu_tests::guest::cmd::CmdEnt;
 use viommu_tests::guest::entry::Entry;
@@ -32,7 +29,7 @@ use viommu_tests::guest::ste::{make_abort_ste, make_bypass_ste};
 use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
 use viommu_tests::port::SocketPort;
 use viommu_tests::scenario::{ALLOC_START, RAM_SIZE, default_config};
-use viommu_tests::{BackendProcess, Dma, MockQemu, backend_binary_built};
+use viommu_tests::{Dma, MockQemu, PrivateDaemon};
 
 /// The device's SID at cold plug (its bus not yet numbered) and after enumeration.
 const OLD_SID: u32 = 0x0000;
@@ -67,43 +64,6 @@ enum Way {
     Gbpa,
 }
 
-/// A daemon on a private socket, serving one frontend after another.
-struct Daemon {
-    _process: BackendProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("viommu-isolation-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("vsmmu.sock");
-        let process = BackendProcess::spawn_with(
-            &backend_binary_built().unwrap(),
-            &socket,
-            &["--log-level", "error"],
-        )
-        .unwrap();
-        Self {
-            _process: process,
-            dir,
-            socket,
-        }
-    }
-
-    fn connect(&self) -> MockQemu {
-        MockQemu::connect(&self.socket, Duration::from_secs(10)).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 type Guest = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
 
 /// A booted guest with the device attached at its cold-plug SID, SMMUEN = 1 with every STE
@@ -114,8 +74,8 @@ struct Rig {
     translate_ste: [(Entry, u64); 2],
 }
 
-fn boot(daemon: &Daemon) -> Rig {
-    let mut qemu = daemon.connect();
+fn boot(daemon: &PrivateDaemon) -> Rig {
+    let mut qemu = daemon.connect().unwrap();
     qemu.negotiate().unwrap();
     qemu.start(default_config(), RAM_SIZE).unwrap();
     qemu.attach(HANDLE, OLD_SID).unwrap();
@@ -194,7 +154,7 @@ fn expected(rig: &Rig, way: Way, new: SteKind) -> Option<u64> {
     }
 }
 
-fn run_case(daemon: &Daemon, way: Way, old: SteKind, new: SteKind) {
+fn run_case(daemon: &PrivateDaemon, way: Way, old: SteKind, new: SteKind) {
     let case = format!("{way:?}, STE({OLD_SID:#x}) {old:?}, STE({NEW_SID:#x}) {new:?}");
     let mut rig = boot(daemon);
     // The guest numbers the root port's secondary bus: the device is at NEW_SID from now on.
@@ -266,7 +226,7 @@ fn run_case(daemon: &Daemon, way: Way, old: SteKind, new: SteKind) {
 }
 
 fn all_cases(way: Way) {
-    let daemon = Daemon::start(&format!("{way:?}"));
+    let daemon = PrivateDaemon::start(&format!("isolation-{way:?}")).unwrap();
     for old in [SteKind::Bypass, SteKind::Abort, SteKind::Translate] {
         for new in [SteKind::Bypass, SteKind::Abort, SteKind::Translate] {
             run_case(&daemon, way, old, new);
@@ -309,7 +269,7 @@ fn renumbered_device_bypasses_with_gbpa_when_the_smmu_is_disabled() {
 /// TRANSLATE, at its new SID, where the STE aborts.
 #[test]
 fn system_fast_path_ends_when_the_device_moves() {
-    let daemon = Daemon::start("fast-path");
+    let daemon = PrivateDaemon::start("isolation-fast-path").unwrap();
     let mut rig = boot(&daemon);
     let (bypass, abort) = (make_bypass_ste(false), make_abort_ste());
     rig.put_ste(OLD_SID, &bypass);

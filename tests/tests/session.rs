@@ -9,7 +9,6 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use viommu_protocol::{
@@ -23,45 +22,26 @@ use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig, DriverError};
 use viommu_tests::port::SocketPort;
 use viommu_tests::ram::MemfdRam;
 use viommu_tests::scenario::{self, ALLOC_START, DEVICES, RAM_SIZE, default_config};
-use viommu_tests::{BackendProcess, Dma, MockQemu, backend_binary_built};
+use viommu_tests::{BackendProcess, Dma, MockQemu, PrivateDaemon, backend_binary_built};
 
-/// A daemon on a private socket, killed (and its directory removed) on drop.
-struct Daemon {
-    process: Option<BackendProcess>,
-    dir: PathBuf,
-    socket: PathBuf,
-}
+/// The daemon of these tests, with what they look at.
+struct Daemon(PrivateDaemon);
 
 impl Daemon {
     fn start(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("viommu-session-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("vsmmu.sock");
-        let process = BackendProcess::spawn_with(
-            &backend_binary_built().unwrap(),
-            &socket,
-            &["--log-level", "error"],
-        )
-        .unwrap();
-        Self {
-            process: Some(process),
-            dir,
-            socket,
-        }
+        Self(PrivateDaemon::start(&format!("session-{name}")).unwrap())
     }
 
     fn connect(&self) -> MockQemu {
-        MockQemu::connect(&self.socket, Duration::from_secs(10)).unwrap()
+        self.0.connect().unwrap()
     }
 
     fn raw(&self) -> UnixStream {
-        // The daemon listens once the first connect succeeded.
-        UnixStream::connect(&self.socket).unwrap()
+        self.0.raw().unwrap()
     }
 
     fn process(&mut self) -> &mut BackendProcess {
-        self.process.as_mut().unwrap()
+        self.0.process().unwrap()
     }
 
     /// Open fds of the daemon.
@@ -73,14 +53,7 @@ impl Daemon {
     }
 
     fn assert_alive(&mut self) {
-        assert!(self.process().is_running(), "the daemon died");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        drop(self.process.take());
-        let _ = std::fs::remove_dir_all(&self.dir);
+        assert!(self.0.is_running(), "the daemon died");
     }
 }
 
