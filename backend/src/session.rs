@@ -695,9 +695,6 @@ impl Session {
     fn announce(&mut self, handle: u32) -> Result<(), ErrorReply> {
         let mut out = Vec::new();
         self.evaluate(&[handle], &mut out);
-        if self.channel.is_none() {
-            out.clear();
-        }
         self.send_backend(out)?;
         self.run_effects()
     }
@@ -980,7 +977,8 @@ impl Session {
         self.send_backend(outgoing)
     }
 
-    /// Re-evaluates the devices whose streams changed (`ranges`), queueing SET_ADDRESS_SPACE
+    /// Re-evaluates the devices whose streams changed (`ranges`), queueing in `out` (for the
+    /// caller to send) SET_ADDRESS_SPACE
     /// for those whose address space changed and IOTLB_INVALIDATE for all of them (their
     /// configuration changed), and bringing passthrough devices in line.
     ///
@@ -998,8 +996,6 @@ impl Session {
         if ranges.is_empty() || self.devices.is_empty() {
             return Ok(());
         }
-        // The messages queued so far go first: the channel is ordered.
-        self.send_backend(std::mem::take(out))?;
         let moved = self.confirm_sids()?;
         let chosen: Vec<u32> = self
             .devices
@@ -1011,10 +1007,7 @@ impl Session {
             .map(|(&handle, _)| handle)
             .collect();
         self.evaluate(&chosen, out);
-        if self.channel.is_none() {
-            out.clear();
-        }
-        self.send_backend(std::mem::take(out))
+        Ok(())
     }
 
     /// Asks the frontend where every device is now and records the answer. Returns the
