@@ -83,17 +83,14 @@ pub struct HandedOut {
     devices: BTreeMap<u32, Ranges>,
     unattributed: Ranges,
     /// Size minus one of the largest translation handed out (translations are naturally
-    /// aligned powers of two), at least a 4 KiB page's.
+    /// aligned powers of two).
     largest_mask: u64,
 }
 
 impl HandedOut {
     /// A TRANSLATE answer for `[start, last]` went to `handle` (`None`: unknown device).
     pub fn record(&mut self, handle: Option<u32>, start: u64, last: u64) {
-        self.largest_mask = self
-            .largest_mask
-            .max(last.saturating_sub(start))
-            .max(PAGE_MASK);
+        self.largest_mask = self.largest_mask.max(last.saturating_sub(start));
         match handle {
             Some(h) => self.devices.entry(h).or_default().insert(start, last),
             None => self.unattributed.insert(start, last),

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use rustix::fs::{SealFlags, fcntl_get_seals, fstat};
+use rustix::fs::{FileType, SealFlags, fcntl_get_seals, fstat};
 use viommu_protocol::types::MemRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -94,16 +94,16 @@ pub fn map_region(
         reason,
     };
     let st = fstat(&fd).map_err(|e| bad(format!("fstat failed: {e}")))?;
-    let kind = match st.st_mode & libc_mode::S_IFMT {
-        libc_mode::S_IFREG => None,
-        libc_mode::S_IFDIR => Some("a directory"),
-        libc_mode::S_IFCHR => Some("a character device"),
-        libc_mode::S_IFBLK => Some("a block device"),
-        libc_mode::S_IFIFO => Some("a pipe"),
-        libc_mode::S_IFSOCK => Some("a socket"),
-        libc_mode::S_IFLNK => Some("a symbolic link"),
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => None,
+        FileType::Directory => Some("a directory"),
+        FileType::CharacterDevice => Some("a character device"),
+        FileType::BlockDevice => Some("a block device"),
+        FileType::Fifo => Some("a pipe"),
+        FileType::Socket => Some("a socket"),
+        FileType::Symlink => Some("a symbolic link"),
         // eventfd, epoll, timerfd and other anonymous inodes have no file type.
-        _ => Some("an anonymous inode (eventfd, timerfd, ...)"),
+        FileType::Unknown => Some("an anonymous inode (eventfd, timerfd, ...)"),
     };
     if let Some(kind) = kind {
         return Err(MemoryError::WrongKind {
@@ -146,18 +146,6 @@ pub fn map_region(
             gpa: region.gpa,
             size: region.size,
         })
-}
-
-/// The file-type bits of `st_mode`.
-mod libc_mode {
-    pub const S_IFMT: u32 = 0o170_000;
-    pub const S_IFSOCK: u32 = 0o140_000;
-    pub const S_IFLNK: u32 = 0o120_000;
-    pub const S_IFREG: u32 = 0o100_000;
-    pub const S_IFBLK: u32 = 0o060_000;
-    pub const S_IFDIR: u32 = 0o040_000;
-    pub const S_IFCHR: u32 = 0o020_000;
-    pub const S_IFIFO: u32 = 0o010_000;
 }
 
 /// Builds guest memory from a whole table (SET_MEM_TABLE). Nothing changes on error.

@@ -489,7 +489,7 @@ fn eventfd(fd: OwnedFd) -> Result<OwnedFd, DecodeError> {
         Ok(_) => Err(wrong("not an eventfd")),
         Err(_) => {
             let st = rustix::fs::fstat(&fd).map_err(|_| wrong("cannot be examined"))?;
-            if st.st_mode & 0o170_000 == 0 {
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Unknown {
                 Ok(fd)
             } else {
                 Err(wrong("not an eventfd"))
