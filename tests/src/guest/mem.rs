@@ -52,14 +52,11 @@ pub fn read_qwords<M: GuestRam, const N: usize>(mem: &M, addr: u64) -> Result<[u
     Ok(out)
 }
 
-/// Writes consecutive little-endian qwords.
+/// Writes consecutive little-endian qwords (one access, as a CPU's cache-line copy would).
 pub fn write_qwords<M: GuestRam>(mem: &M, addr: u64, words: &[u64]) -> Result<()> {
-    let mut at = addr;
-    for &word in words {
-        write_u64(mem, at, word)?;
-        at = at.checked_add(8).ok_or(DriverError::Overflow)?;
-    }
-    Ok(())
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(addr))
+        .map_err(|_| fault(addr))
 }
 
 /// Fills `len` bytes with `byte`.

@@ -4,7 +4,7 @@
 use super::alloc::BumpAllocator;
 use super::bits::prep32;
 use super::entry::Entry;
-use super::mem::{GuestRam, write_qwords, write_u64};
+use super::mem::{GuestRam, write_u64};
 use super::regs::{
     STRTAB_BASE_ADDR_MASK, STRTAB_BASE_CFG_FMT, STRTAB_BASE_CFG_FMT_2LVL,
     STRTAB_BASE_CFG_FMT_LINEAR, STRTAB_BASE_CFG_LOG2SIZE, STRTAB_BASE_CFG_SPLIT, STRTAB_BASE_RA,
@@ -45,12 +45,10 @@ pub struct StreamTable {
 }
 
 fn write_initial<M: GuestRam>(mem: &M, addr: u64, count: u32, ste: &Entry) -> Result<()> {
-    let mut at = addr;
-    for _ in 0..count {
-        write_qwords(mem, at, ste)?;
-        at = at.checked_add(STE_SIZE).ok_or(DriverError::Overflow)?;
-    }
-    Ok(())
+    let one: Vec<u8> = ste.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let table = one.repeat(usize::try_from(count).map_err(|_| DriverError::Overflow)?);
+    mem.write_slice(&table, vm_memory::GuestAddress(addr))
+        .map_err(|_| DriverError::Memory { addr })
 }
 
 impl StreamTable {
