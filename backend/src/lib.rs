@@ -1,6 +1,6 @@
 //! `viommu-backend`: an out-of-process virtual ARM SMMUv3 for QEMU.
 //!
-//! - [`smmuv3`]: the SMMUv3 model, a pure library over guest memory;
+//! - the SMMUv3 model itself is the crate `viommu_smmuv3`;
 //! - [`session`]: one frontend connection, the protocol around the model;
 //! - [`memory`]: guest RAM from the frontend's memory table;
 //! - [`ram_guard`]: surviving a frontend that truncates guest RAM (SIGBUS);
@@ -19,11 +19,11 @@ pub mod host;
 pub mod inherited;
 pub mod limits;
 pub mod memory;
+pub mod model_config;
 pub mod passthrough;
 pub mod ram_guard;
 pub mod sandbox;
 pub mod session;
-pub mod smmuv3;
 
 /// An error and its sources, joined for a log line or an error reply.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::host::rules::{self, HostCaps};
 use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
-use crate::smmuv3::stream::StreamConfig;
-use crate::smmuv3::{Features, StreamState};
+use viommu_smmuv3::stream::StreamConfig;
+use viommu_smmuv3::{Capabilities, StreamState};
 
 /// The vSTE of the abort nested HWPT: V = 1, Config = abort.
 pub const ABORT_VSTE: VSte = [1, 0];
@@ -679,7 +679,7 @@ pub fn target_for(state: &StreamState) -> Target {
 /// The vSMMU features for an IDR_AUTO configuration: stage 1 only, with the host's range
 /// invalidation, substream and output address sizes (capped at what the model implements),
 /// and the configuration's StreamID size, queue sizes and MSI (linux-iommufd.md 1.5).
-pub fn auto_features(host: &HwInfo, cfg: &Features) -> Features {
+pub fn auto_features(host: &HwInfo, cfg: &Capabilities) -> Capabilities {
     let [_, idr1, _, idr3, _, idr5] = host.idr;
     let host_oas = match idr5 & 7 {
         0 => 32,
@@ -689,7 +689,7 @@ pub fn auto_features(host: &HwInfo, cfg: &Features) -> Features {
         4 => 44,
         _ => 48,
     };
-    Features {
+    Capabilities {
         s1p: true,
         s2p: false,
         ril: idr3 & (1 << 10) != 0,
@@ -704,7 +704,7 @@ pub fn auto_features(host: &HwInfo, cfg: &Features) -> Features {
 /// vSMMU described by `vsmmu` (QEMU's `smmuv3_accel_check_hw_compatible`, linux-iommufd.md
 /// 1.5): nesting, AArch64 tables, 16-bit ASIDs, every advertised granule, and at least the
 /// advertised range invalidation, ATS, substream and output address sizes.
-pub fn check_fit(host: &HwInfo, vsmmu: &Features) -> Result<(), String> {
+pub fn check_fit(host: &HwInfo, vsmmu: &Capabilities) -> Result<(), String> {
     let [idr0, idr1, _, idr3, _, idr5] = host.idr;
     let has = |reg: u32, bit: u32| reg & (1 << bit) != 0;
     let mut missing = Vec::new();

@@ -31,10 +31,10 @@ use crate::limits::ModelLimits;
 use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
 use crate::passthrough::{self, Applied, Passthrough, PassthroughState};
 use crate::ram_guard;
-use crate::smmuv3::snapshot::SmmuSnapshot;
-use crate::smmuv3::stream::StreamConfig;
-use crate::smmuv3::walk::AccessKind;
-use crate::smmuv3::{self, CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
+use viommu_smmuv3::snapshot::SmmuSnapshot;
+use viommu_smmuv3::stream::StreamConfig;
+use viommu_smmuv3::walk::AccessKind;
+use viommu_smmuv3::{CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
 
 /// Features this backend offers.
 pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
@@ -467,7 +467,7 @@ impl Session {
         self.phase = Phase::Running;
         // require(Configured) ran first, so the model exists.
         self.smmu
-            .get_or_insert_with(|| Smmu::new(smmuv3::Features::qemu_default()))
+            .get_or_insert_with(|| Smmu::new(viommu_smmuv3::Capabilities::qemu_default()))
     }
 
     fn dispatch(&mut self, request: FrontendRequest) -> Result<FrontendReply, ErrorReply> {
@@ -499,7 +499,9 @@ impl Session {
             FrontendRequest::SetConfig(cfg) => self.set_config(&cfg),
             FrontendRequest::GetIdRegs => {
                 self.require(Phase::Configured, name)?;
-                Ok(FrontendReply::IdRegs(self.running().id_regs()))
+                Ok(FrontendReply::IdRegs(crate::model_config::id_regs(
+                    self.running().id_regs(),
+                )))
             }
             FrontendRequest::SetBackendChannel(stream) => {
                 self.require(Phase::Negotiated, name)?;
@@ -645,7 +647,7 @@ impl Session {
             .limits
             .check(cfg)
             .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
-        let features = smmuv3::Features::from_config(cfg);
+        let features = crate::model_config::capabilities(cfg);
         info!("vSMMU configured: {features:?}");
         self.smmu = Some(Smmu::new(features));
         self.phase = Phase::Configured;

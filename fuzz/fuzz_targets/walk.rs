@@ -13,7 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use viommu_backend::smmuv3::Smmu;
+use viommu_smmuv3::Smmu;
 use viommu_fuzz::codec::from_bytes;
 use viommu_fuzz::walk::{Input, MutOp, Step, Target};
 use viommu_fuzz::world::{Addr, Cmd, World, check_translation};

@@ -15,7 +15,7 @@ use viommu_backend::host::{
     HostDevice, HostError, HostIommu, HwInfo, InvalidateError, ObjectId, RawCmd, VEvent, VSte,
 };
 use viommu_backend::session::{Session, SessionOptions};
-use viommu_backend::smmuv3::spec::regs::offset;
+use viommu_smmuv3::spec::regs::offset;
 use viommu_protocol::message::{Reply, Request};
 use viommu_protocol::types::{
     Access, AccessSize, ConfigFlags, Features, IrqIndex, MemRegion, MmioAccess, PassthroughIds,
@@ -292,7 +292,7 @@ pub struct Harness {
     host: Shared,
     s2_hwpt: ObjectId,
     last_state: Vec<u8>,
-    features: viommu_backend::smmuv3::Features,
+    features: viommu_smmuv3::Capabilities,
     /// Requests the protocol could not carry (skipped).
     pub undecodable: u64,
     /// Print every request and its result (for looking at an input by hand).
@@ -329,7 +329,7 @@ impl Harness {
             host,
             s2_hwpt,
             last_state: Vec::new(),
-            features: viommu_backend::smmuv3::Features::qemu_default(),
+            features: viommu_smmuv3::Capabilities::qemu_default(),
             undecodable: 0,
             trace: std::env::var_os("VIOMMU_FUZZ_TRACE").is_some(),
         }
@@ -446,7 +446,7 @@ impl Harness {
                     cfg.ssid_bits = 0;
                 }
                 if let Some(Ok(_)) = self.send(FrontendRequest::SetConfig(cfg)) {
-                    self.features = viommu_backend::smmuv3::Features::from_config(&cfg);
+                    self.features = viommu_backend::model_config::capabilities(&cfg);
                 }
             }
             Msg::GetIdRegs => {
@@ -711,7 +711,7 @@ impl Default for Harness {
 }
 
 /// The model selection that gives `f` (for worlds built for a configured session).
-fn sel_of(f: &viommu_backend::smmuv3::Features) -> ModelSel {
+fn sel_of(f: &viommu_smmuv3::Capabilities) -> ModelSel {
     let oas = crate::world::OAS
         .iter()
         .position(|&o| o == f.oas_bits)

@@ -4,9 +4,9 @@
 //! the model targets' inputs: addresses, commands, transactions, register names.
 
 use viommu_backend::limits::ModelLimits;
-use viommu_backend::smmuv3::spec::regs::offset;
-use viommu_backend::smmuv3::walk::AccessKind;
-use viommu_backend::smmuv3::{self, CmdqStatus, Effect, Smmu, Translation, TranslationFault};
+use viommu_smmuv3::spec::regs::offset;
+use viommu_smmuv3::walk::AccessKind;
+use viommu_smmuv3::{CmdqStatus, Effect, Smmu, Translation, TranslationFault};
 use viommu_protocol::types::{ConfigFlags, ModelConfig};
 use viommu_tests::guest::alloc::BumpAllocator;
 use viommu_tests::guest::bits::low_mask;
@@ -111,12 +111,12 @@ impl ModelSel {
     }
 
     /// The model's features, as SET_CONFIG makes them.
-    pub fn features(&self) -> smmuv3::Features {
+    pub fn features(&self) -> viommu_smmuv3::Capabilities {
         let cfg = self.config();
         ModelLimits::default()
             .check(&cfg)
             .expect("a configuration within the limits");
-        smmuv3::Features::from_config(&cfg)
+        viommu_backend::model_config::capabilities(&cfg)
     }
 }
 
@@ -230,7 +230,7 @@ pub struct World {
     /// The model.
     pub smmu: Smmu,
     /// Its features.
-    pub features: smmuv3::Features,
+    pub features: viommu_smmuv3::Capabilities,
     /// The allocator the tables came from.
     pub alloc: BumpAllocator,
     /// The stream table.
@@ -594,7 +594,7 @@ impl World {
 }
 
 /// Runs the command queue the way `Session::mmio_write` does.
-pub fn drive<M: smmuv3::GuestMemory>(smmu: &mut Smmu, mem: &M) -> DriveStats {
+pub fn drive<M: viommu_smmuv3::GuestMemory>(smmu: &mut Smmu, mem: &M) -> DriveStats {
     let mut stats = DriveStats::default();
     // Each round but the last completes at least one command; the queue holds at most
     // 2^19 of them, and a barrier takes one more round.
@@ -705,7 +705,7 @@ pub fn check_snapshot(smmu: &Smmu) {
     assert_eq!(other.registers(), smmu.registers(), "restore differs");
 }
 
-fn serde_json_roundtrip(snap: &smmuv3::snapshot::SmmuSnapshot) -> smmuv3::snapshot::SmmuSnapshot {
+fn serde_json_roundtrip(snap: &viommu_smmuv3::snapshot::SmmuSnapshot) -> viommu_smmuv3::snapshot::SmmuSnapshot {
     let text = serde_json::to_string(snap).expect("snapshot to JSON");
     serde_json::from_str(&text).expect("snapshot from JSON")
 }

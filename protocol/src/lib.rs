@@ -12,6 +12,8 @@
 //! Decoding never panics: every byte sequence and fd set either decodes to a typed message or
 //! gives a precise error, and fds that arrive with a bad message are closed.
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 mod codec;
 pub mod connection;

@@ -42,7 +42,7 @@ fn linux_probe_decodes_id_registers() {
 #[test]
 fn linux_probe_refuses_tiny_command_queue() {
     let mem = ram();
-    let f = Features {
+    let f = Capabilities {
         cmdqs: 6,
         ..features()
     };
@@ -60,7 +60,7 @@ fn linux_probe_refuses_tiny_command_queue() {
 /// Few StreamID bits: Linux uses a linear stream table of 2^SIDSIZE STEs.
 #[test]
 fn small_sid_space_uses_linear_stream_table() {
-    let f = Features {
+    let f = Capabilities {
         sid_bits: 6,
         ..features()
     };
@@ -144,7 +144,7 @@ fn linux_reset_sequence() {
 /// the CMD_SYNC itself: after the reset both syncs read back as zero with MSIADDR kept.
 #[test]
 fn linux_reset_with_msipoll() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };
@@ -328,7 +328,7 @@ fn sixty_four_bit_registers_by_halves() {
 /// are guarded by their IRQEN (v3.2+: writes ignored while enabled).
 #[test]
 fn msi_config_registers() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };
@@ -407,7 +407,7 @@ fn cr1_guarded_while_enabled() {
 /// with CMDQS = 7 the queue wraps after 128 entries.
 #[test]
 fn cmdq_log2size_capped_at_cmdqs() {
-    let f = Features {
+    let f = Capabilities {
         cmdqs: 7,
         ..features()
     };
@@ -455,7 +455,7 @@ fn cmdq_log2size_capped_at_cmdqs() {
 /// fifth record.
 #[test]
 fn evtq_log2size_capped_at_eventqs() {
-    let f = Features {
+    let f = Capabilities {
         eventqs: 2,
         ..features()
     };
@@ -489,7 +489,7 @@ fn evtq_log2size_capped_at_eventqs() {
 /// (6.3.25), the register reads back as written.
 #[test]
 fn strtab_log2size_capped_at_sidsize() {
-    let f = Features {
+    let f = Capabilities {
         sid_bits: 6,
         ..features()
     };

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use viommu_backend::smmuv3::CmdqStatus;
+use viommu_smmuv3::CmdqStatus;
 
 fn ste_changed(sid: u32) -> Effect {
     Effect::StreamsChanged(SidRange {
@@ -178,7 +178,7 @@ fn cerror_ill_for_reserved_fields() {
 /// range with S2P and RIL; the same commands are legal where the feature exists.
 #[test]
 fn cerror_ill_for_missing_features() {
-    let f = Features {
+    let f = Capabilities {
         s1p: false,
         s2p: true,
         ..features()
@@ -225,7 +225,7 @@ fn cerror_ill_for_missing_features() {
 /// ATC_INV is legal with IDR0.ATS: forwarded to the host while SMMUEN = 1, ignored while 0.
 #[test]
 fn atc_inv_with_ats() {
-    let f = Features {
+    let f = Capabilities {
         ats: true,
         ..features()
     };
@@ -360,7 +360,7 @@ fn cmd_sync_completion_without_msi() {
 /// (`Effect::MsiWrite`), and MSIAddress = 0 (no MSI, still the wired interrupt).
 #[test]
 fn cmd_sync_completion_by_msi() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };
@@ -425,7 +425,7 @@ fn cmd_sync_completion_by_msi() {
 /// write lands in guest RAM.
 #[test]
 fn cmd_sync_msi_address_truncated_to_oas() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };
@@ -581,7 +581,7 @@ fn queue_base_low_bits_ignored() {
 /// with the address 0 the wired line is used (6.3.21, 3.18).
 #[test]
 fn gerror_interrupt_by_msi() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };
@@ -619,7 +619,7 @@ fn gerror_interrupt_by_msi() {
 /// Out-of-range StreamIDs and SubstreamIDs in commands are not CERROR_ILL (4.1.7).
 #[test]
 fn out_of_range_ids_are_not_illegal() {
-    let mut d = boot(Features {
+    let mut d = boot(Capabilities {
         ssid_bits: 4,
         ..features()
     });

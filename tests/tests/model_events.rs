@@ -158,7 +158,7 @@ fn f_ste_fetch() {
     assert_eq!(ev.0[0], dw0(id::F_STE_FETCH, 0x30ff, Some(9)));
     assert_eq!(ev.fetch_addr(), OUTSIDE_RAM + 0xff * 64);
     // A linear stream table outside memory.
-    let f = Features {
+    let f = Capabilities {
         sid_bits: 6,
         ..features()
     };
@@ -252,7 +252,7 @@ fn c_bad_ste_stage1() {
 /// without ATS it is IGNORED.
 #[test]
 fn c_bad_ste_eats() {
-    let f = Features {
+    let f = Capabilities {
         ats: true,
         ..features()
     };
@@ -280,7 +280,7 @@ fn c_bad_ste_eats() {
 /// Stage 1 on a stage-2-only SMMU is ILLEGAL (Config = 0b1x1 with S1P = 0).
 #[test]
 fn c_bad_ste_stage1_without_s1p() {
-    let f = Features {
+    let f = Capabilities {
         s1p: false,
         s2p: true,
         ..features()
@@ -504,7 +504,7 @@ fn c_bad_substreamid() {
 /// one CD, and any SubstreamID is C_BAD_SUBSTREAMID.
 #[test]
 fn no_substreams_ignores_s1cdmax() {
-    let f = Features {
+    let f = Capabilities {
         ssid_bits: 0,
         ..features()
     };
@@ -1186,7 +1186,7 @@ fn evtq_irq_on_empty_to_non_empty() {
 /// RAM when the address is RAM, handed to the host (`Effect::MsiWrite`) otherwise.
 #[test]
 fn evtq_irq_as_msi() {
-    let f = Features {
+    let f = Capabilities {
         msi: true,
         ..features()
     };

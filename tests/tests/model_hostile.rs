@@ -44,7 +44,7 @@ fn snapshot(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
     buf
 }
 
-fn features_strategy() -> impl Strategy<Value = Features> {
+fn features_strategy() -> impl Strategy<Value = Capabilities> {
     (
         any::<(bool, bool, bool, bool, bool)>(),
         0u8..=20,
@@ -54,17 +54,19 @@ fn features_strategy() -> impl Strategy<Value = Features> {
         0u8..=19,
     )
         .prop_map(
-            |((s1p, s2p, ril, ats, msi), sid_bits, ssid_bits, oas_bits, cmdqs, eventqs)| Features {
-                s1p: s1p || !s2p,
-                s2p,
-                ril,
-                ats,
-                msi,
-                sid_bits,
-                ssid_bits,
-                oas_bits,
-                cmdqs,
-                eventqs,
+            |((s1p, s2p, ril, ats, msi), sid_bits, ssid_bits, oas_bits, cmdqs, eventqs)| {
+                Capabilities {
+                    s1p: s1p || !s2p,
+                    s2p,
+                    ril,
+                    ats,
+                    msi,
+                    sid_bits,
+                    ssid_bits,
+                    oas_bits,
+                    cmdqs,
+                    eventqs,
+                }
             },
         )
 }
@@ -186,7 +188,7 @@ fn pointer_mask(base: u64, max: u8) -> u32 {
 }
 
 /// Guest-visible invariants after every step.
-fn check_invariants(port: &mut DirectPort, f: &Features) -> Result<(), TestCaseError> {
+fn check_invariants(port: &mut DirectPort, f: &Capabilities) -> Result<(), TestCaseError> {
     let cr0 = port.read(ARM_SMMU_CR0, 4) as u32;
     let active = (port.read(ARM_SMMU_GERROR, 4) ^ port.read(ARM_SMMU_GERRORN, 4)) as u32;
     let cons = port.read(ARM_SMMU_CMDQ_CONS, 4) as u32;
@@ -246,7 +248,7 @@ fn check_translation(
 fn check_record(
     port: &mut DirectPort,
     mem: &GuestMemoryMmap<()>,
-    f: &Features,
+    f: &Capabilities,
     before: (u64, u32, u64),
     t: &Result<Translation, TranslationFault>,
 ) -> Result<(), TestCaseError> {
@@ -339,7 +341,7 @@ proptest! {
         valid in 0u64..64,
         seed in any::<u64>(),
     ) {
-        let f = Features { cmdqs, ..features() };
+        let f = Capabilities { cmdqs, ..features() };
         let mem = small_ram();
         fill_random(&mem, 0, SMALL_RAM, seed);
         // Some valid commands at the start of the queue's memory.
@@ -391,7 +393,7 @@ proptest! {
         faults in 1u32..40,
         seed in any::<u64>(),
     ) {
-        let f = Features { eventqs, sid_bits: 4, ..features() };
+        let f = Capabilities { eventqs, sid_bits: 4, ..features() };
         let mem = small_ram();
         fill_random(&mem, 0, SMALL_RAM, seed);
         let image = snapshot(&mem);
@@ -460,7 +462,7 @@ fn command_queue_at_every_limit() {
                 (u32::MAX, u32::MAX),
                 (0, u32::MAX),
             ] {
-                let f = Features {
+                let f = Capabilities {
                     cmdqs,
                     ..features()
                 };
@@ -580,7 +582,7 @@ fn self_referencing_64k_and_stage2_tables() {
 #[test]
 fn s1cdmax_at_every_value() {
     for ssid_bits in [0u8, 5, 16, 20] {
-        let mut d = boot(Features {
+        let mut d = boot(Capabilities {
             ssid_bits,
             ..features()
         });

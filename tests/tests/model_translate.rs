@@ -443,7 +443,7 @@ fn breaking_stage1_to_stage2() {
         .unwrap();
     assert_eq!(kind, UpdateKind::Breaking);
     let bad = Err(TranslationFault {
-        event: Some(viommu_backend::smmuv3::spec::event::EventId::C_BAD_STE),
+        event: Some(viommu_smmuv3::spec::event::EventId::C_BAD_STE),
     });
     assert_eq!(seen, [bad, bad, Ok(0x5_a000)]);
     let evs = events(&mut d);
@@ -595,7 +595,7 @@ fn nested_two_level_cd_and_s1dss_bypass() {
 /// behave as linear, and a reserved SPLIT behaves as 6.
 #[test]
 fn stream_table_alignment_and_reserved_layouts() {
-    let f = Features {
+    let f = Capabilities {
         sid_bits: 6,
         ..features()
     };
@@ -622,7 +622,7 @@ fn stream_table_alignment_and_reserved_layouts() {
         );
     }
     // 2-level with the reserved SPLIT 7 (behaves as 6): StreamID 0x40 is L1 index 1.
-    let f = Features {
+    let f = Capabilities {
         sid_bits: 8,
         ..features()
     };

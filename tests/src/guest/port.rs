@@ -1,9 +1,9 @@
 //! How the driver reaches the SMMU's registers: [`SmmuPort`], and [`DirectPort`], which calls
 //! the model in-process.
 
-use viommu_backend::smmuv3::walk::AccessKind;
-use viommu_backend::smmuv3::{
-    CmdqStatus, Effect, Features, GuestMemory, Smmu, Translation, TranslationFault,
+use viommu_smmuv3::walk::AccessKind;
+use viommu_smmuv3::{
+    Capabilities, CmdqStatus, Effect, GuestMemory, Smmu, Translation, TranslationFault,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -39,7 +39,7 @@ pub struct DirectPort<M: GuestMemory = GuestMemoryMmap<()>> {
 
 impl<M: GuestMemory> DirectPort<M> {
     /// A new SMMU with `features`, reading and writing `mem`.
-    pub fn new(features: Features, mem: M) -> Self {
+    pub fn new(features: Capabilities, mem: M) -> Self {
         Self {
             smmu: Smmu::new(features),
             mem,

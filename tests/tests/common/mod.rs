@@ -8,11 +8,9 @@
     clippy::arithmetic_side_effects
 )]
 
-pub use viommu_backend::smmuv3::spec::cmd::RawCommand;
-pub use viommu_backend::smmuv3::walk::AccessKind;
-pub use viommu_backend::smmuv3::{
-    Effect, Features, IrqLine, SidRange, Translation, TranslationFault,
-};
+pub use viommu_smmuv3::spec::cmd::RawCommand;
+pub use viommu_smmuv3::walk::AccessKind;
+pub use viommu_smmuv3::{Capabilities, Effect, IrqLine, SidRange, Translation, TranslationFault};
 pub use viommu_tests::guest::cd::*;
 pub use viommu_tests::guest::cmd::*;
 pub use viommu_tests::guest::domain::S1Domain;
@@ -41,34 +39,34 @@ pub fn ram() -> GuestMemoryMmap<()> {
 }
 
 /// QEMU's default vSMMU: stage 1, 16-bit SIDs and SSIDs, RIL, 44-bit OAS.
-pub fn features() -> Features {
-    Features::qemu_default()
+pub fn features() -> Capabilities {
+    Capabilities::qemu_default()
 }
 
 /// With stage 2 (nesting).
-pub fn s2_features() -> Features {
-    Features {
+pub fn s2_features() -> Capabilities {
+    Capabilities {
         s2p: true,
-        ..Features::qemu_default()
+        ..Capabilities::qemu_default()
     }
 }
 
 /// Probed, structures allocated, SMMU not yet reset.
-pub fn probe_with(f: Features, cfg: DriverConfig) -> Drv {
+pub fn probe_with(f: Capabilities, cfg: DriverConfig) -> Drv {
     let mem = ram();
     let port = DirectPort::new(f, mem.clone());
     Driver::probe(port, mem, BumpAllocator::new(ALLOC_START, RAM_SIZE), cfg).unwrap()
 }
 
 /// Probed and reset the Linux way; the effects of the reset are discarded.
-pub fn boot_with(f: Features, cfg: DriverConfig) -> Drv {
+pub fn boot_with(f: Capabilities, cfg: DriverConfig) -> Drv {
     let mut d = probe_with(f, cfg);
     d.reset().unwrap();
     d.port.take_effects();
     d
 }
 
-pub fn boot(f: Features) -> Drv {
+pub fn boot(f: Capabilities) -> Drv {
     boot_with(f, DriverConfig::default())
 }
 

@@ -223,7 +223,7 @@ impl ConfigCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smmuv3::walk::Perm;
+    use crate::walk::Perm;
 
     fn mapping(input_base: u64, size_shift: u32, global: bool) -> Mapping {
         Mapping {

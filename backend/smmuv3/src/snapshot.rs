@@ -8,7 +8,7 @@ use super::spec::regs::{
     Cr0, Cr1, Cr2, Gbpa, Gerror, IrqCfg0, IrqCfg2, IrqCtrl, QueueBase, StrtabBase, StrtabBaseCfg,
     queue_reg,
 };
-use super::{Effect, Features, SidRange, Smmu};
+use super::{Capabilities, Effect, SidRange, Smmu};
 
 /// The snapshot format's version.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -76,7 +76,7 @@ pub enum RestoreError {
     },
 }
 
-fn id_array(features: &Features) -> [u32; 8] {
+fn id_array(features: &Capabilities) -> [u32; 8] {
     let id = features.id_regs();
     [
         id.idr[0], id.idr[1], id.idr[2], id.idr[3], id.idr[4], id.idr[5], id.iidr, id.aidr,
@@ -178,13 +178,13 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::smmuv3::spec::regs::offset;
+    use crate::spec::regs::offset;
 
     #[test]
     fn snapshot_round_trips_through_json_and_restores_registers() {
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut a = Smmu::new(Features::qemu_default());
+        let mut a = Smmu::new(Capabilities::qemu_default());
         a.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000);
         a.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 0x1_0208);
         a.mmio_write(&mem, offset::CMDQ_BASE, 8, 0x2_0000 | 8);
@@ -194,7 +194,7 @@ mod tests {
         a.mmio_write(&mem, offset::CR0, 4, 0xd);
         let json = serde_json::to_string(&a.snapshot()).unwrap();
         let snap: SmmuSnapshot = serde_json::from_str(&json).unwrap();
-        let mut b = Smmu::new(Features::qemu_default());
+        let mut b = Smmu::new(Capabilities::qemu_default());
         b.restore(&snap).unwrap();
         for off in [offset::STRTAB_BASE, offset::CMDQ_BASE, offset::EVENTQ_BASE] {
             assert_eq!(b.mmio_read(off, 8), a.mmio_read(off, 8), "offset {off:#x}");
@@ -210,9 +210,9 @@ mod tests {
             assert_eq!(b.mmio_read(off, 4), a.mmio_read(off, 4), "offset {off:#x}");
         }
         // A snapshot of another configuration is refused.
-        let other = Features {
+        let other = Capabilities {
             ssid_bits: 8,
-            ..Features::qemu_default()
+            ..Capabilities::qemu_default()
         };
         assert!(matches!(
             Smmu::new(other).restore(&snap),

@@ -2,8 +2,7 @@
 //! knowledge of guest memory. Writes that need the rest of the model (command processing,
 //! stream re-evaluation, error acknowledgement) are reported as [`RegisterAction`]s.
 
-use viommu_protocol::types::IdRegs;
-
+use super::capabilities::IdRegisters;
 use super::queue::QueueGeometry;
 use super::spec::regs::{
     Cr0, Cr1, Cr2, Gbpa, Gerror, Idr0, Idr1, IrqCfg0, IrqCfg2, IrqCtrl, QueueBase, StrtabBase,
@@ -103,7 +102,7 @@ impl IrqCfg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registers {
     /// IDR0-5, IIDR, AIDR.
-    pub id: IdRegs,
+    pub id: IdRegisters,
     /// Whether the *_IRQ_CFG registers exist (IDR0.MSI).
     pub msi: bool,
     pub cr0: Cr0,
@@ -123,7 +122,7 @@ pub struct Registers {
 
 impl Registers {
     /// Registers in their reset state.
-    pub fn new(id: IdRegs, msi: bool) -> Self {
+    pub fn new(id: IdRegisters, msi: bool) -> Self {
         Self {
             id,
             msi,

@@ -1,12 +1,22 @@
-//! What this vSMMU implements: its ID registers, derived from the model configuration.
-
-use viommu_protocol::types::{ConfigFlags, IdRegs, ModelConfig};
+//! What this vSMMU implements, and the ID registers that tell the guest.
 
 use super::spec::regs::{Idr0, Idr1, Idr3, Idr5, address_size_encoding};
 
+/// The identification registers as the guest reads them: SMMU_IDR0..5, SMMU_IIDR and
+/// SMMU_AIDR (IHI 0070, 6.3.1 to 6.3.6, 6.3.7 and 6.3.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IdRegisters {
+    /// SMMU_IDR0..SMMU_IDR5, by index.
+    pub idr: [u32; 6],
+    /// SMMU_IIDR.
+    pub iidr: u32,
+    /// SMMU_AIDR.
+    pub aidr: u32,
+}
+
 /// Decoded capabilities the model checks on its hot paths, and the ID registers it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Features {
+pub struct Capabilities {
     /// Stage 1 (IDR0.S1P).
     pub s1p: bool,
     /// Stage 2 (IDR0.S2P).
@@ -29,7 +39,7 @@ pub struct Features {
     pub eventqs: u8,
 }
 
-impl Features {
+impl Capabilities {
     /// QEMU's emulated SMMUv3 defaults (stage 1, 44-bit OAS, 16-bit SIDs, RIL, queues of 2^19),
     /// with 16-bit SSIDs.
     pub fn qemu_default() -> Self {
@@ -44,37 +54,6 @@ impl Features {
             oas_bits: 44,
             cmdqs: 19,
             eventqs: 19,
-        }
-    }
-
-    /// The features a SET_CONFIG asks for. IDR_AUTO configurations start from the defaults
-    /// until the host's values are known.
-    pub fn from_config(cfg: &ModelConfig) -> Self {
-        let defaults = Self::qemu_default();
-        let auto = cfg.flags.contains(ConfigFlags::IDR_AUTO);
-        Self {
-            s1p: cfg.flags.contains(ConfigFlags::STAGE1),
-            s2p: !auto && cfg.flags.contains(ConfigFlags::STAGE2),
-            ril: if auto {
-                defaults.ril
-            } else {
-                cfg.flags.contains(ConfigFlags::RIL)
-            },
-            ats: cfg.flags.contains(ConfigFlags::ATS),
-            msi: cfg.flags.contains(ConfigFlags::MSI),
-            sid_bits: cfg.sid_bits.min(32),
-            ssid_bits: if auto {
-                defaults.ssid_bits
-            } else {
-                cfg.ssid_bits.min(20)
-            },
-            oas_bits: if auto {
-                defaults.oas_bits
-            } else {
-                cfg.oas_bits
-            },
-            cmdqs: cfg.cmdq_log2.min(19),
-            eventqs: cfg.evtq_log2.min(19),
         }
     }
 
@@ -99,7 +78,7 @@ impl Features {
     }
 
     /// The ID registers the guest reads.
-    pub fn id_regs(&self) -> IdRegs {
+    pub fn id_regs(&self) -> IdRegisters {
         let idr0 = Idr0::new()
             .with_s2p(self.s2p)
             .with_s1p(self.s1p)
@@ -133,7 +112,7 @@ impl Features {
             .with_gran4k(true)
             .with_gran16k(true)
             .with_gran64k(true);
-        IdRegs {
+        IdRegisters {
             idr: [
                 idr0.into_bits(),
                 idr1.into_bits(),
@@ -157,7 +136,7 @@ mod tests {
     /// that we advertise 2-level CD tables (CD2L) and 16-bit SSIDs, which QEMU lacks.
     #[test]
     fn default_id_registers() {
-        let regs = Features::qemu_default().id_regs();
+        let regs = Capabilities::qemu_default().id_regs();
         // S1P, TTF=AArch64, COHACC, ASID16, VMID16, CD2L, TTENDIAN=LE, STALL_MODEL=1,
         // TERM_MODEL, ST_LEVEL=1.
         assert_eq!(regs.idr[0], 0x0d4c_101a);
@@ -173,16 +152,16 @@ mod tests {
     /// (RIL is 1 in every SMMUv3.2, BBML RES0 before it); HAD only with stage 1.
     #[test]
     fn architecture_revision_follows_the_features() {
-        let v3_1 = Features {
+        let v3_1 = Capabilities {
             ril: false,
-            ..Features::qemu_default()
+            ..Capabilities::qemu_default()
         }
         .id_regs();
         assert_eq!((v3_1.idr[3], v3_1.aidr), (0x0004, 1), "HAD only");
-        let s2_only = Features {
+        let s2_only = Capabilities {
             s1p: false,
             s2p: true,
-            ..Features::qemu_default()
+            ..Capabilities::qemu_default()
         }
         .id_regs();
         assert_eq!(
@@ -190,15 +169,15 @@ mod tests {
             (0x1410, 2),
             "XNX, RIL, BBML=2"
         );
-        assert_eq!(Features::qemu_default().id_regs().aidr, 2);
+        assert_eq!(Capabilities::qemu_default().id_regs().aidr, 2);
     }
 
     /// With stage 2, IDR3 is QEMU's 0x1414 for the same configuration: HAD, XNX, RIL, BBML=2.
     #[test]
     fn stage_2_advertises_xnx() {
-        let regs = Features {
+        let regs = Capabilities {
             s2p: true,
-            ..Features::qemu_default()
+            ..Capabilities::qemu_default()
         }
         .id_regs();
         assert_eq!(regs.idr[3], 0x1414);
@@ -208,7 +187,7 @@ mod tests {
     /// The OAS mask never overflows, whatever size a configuration names.
     #[test]
     fn oas_mask_covers_the_output_address_size() {
-        let mut f = Features::qemu_default();
+        let mut f = Capabilities::qemu_default();
         assert_eq!(f.oas_mask(), (1 << 44) - 1);
         f.oas_bits = 64;
         assert_eq!(f.oas_mask(), u64::MAX);

@@ -13,9 +13,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use viommu_backend::smmuv3::walk::{
-    self, AccessKind, Granule, Stage1Config, Stage2Config, TtConfig,
-};
+use viommu_smmuv3::walk::{self, AccessKind, Granule, Stage1Config, Stage2Config, TtConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;

@@ -5,7 +5,7 @@
 use vm_memory::GuestAddress;
 
 use super::GuestMemory;
-use super::features::Features;
+use super::capabilities::Capabilities;
 use super::registers::Registers;
 use super::spec::cd::{Cd, L1Cd};
 use super::spec::event::EventId;
@@ -129,7 +129,7 @@ fn align_down(addr: u64, bits: u32) -> u64 {
 pub fn fetch_ste<M: GuestMemory>(
     mem: &M,
     regs: &Registers,
-    features: &Features,
+    features: &Capabilities,
     sid: u32,
 ) -> Result<Ste, ConfigFault> {
     let cfg = regs.strtab_base_cfg;
@@ -229,7 +229,7 @@ fn s2_geometry_valid(granule: Granule, tsz: u8, sl0: u8, ias_bits: u8) -> bool {
 }
 
 /// Decodes an STE into a stream configuration, or says why it is ILLEGAL.
-pub fn decode_ste(ste: &Ste, features: &Features) -> Result<StreamConfig, ConfigFault> {
+pub fn decode_ste(ste: &Ste, features: &Capabilities) -> Result<StreamConfig, ConfigFault> {
     let q0 = ste.q0();
     if !q0.v() {
         return Err(ConfigFault::BadSte);
@@ -306,7 +306,7 @@ pub fn decode_ste(ste: &Ste, features: &Features) -> Result<StreamConfig, Config
     Ok(StreamConfig::Translate { s1, s2, vmid })
 }
 
-fn decode_ste_s2(ste: &Ste, features: &Features) -> Result<Stage2, ConfigFault> {
+fn decode_ste_s2(ste: &Ste, features: &Capabilities) -> Result<Stage2, ConfigFault> {
     let q2 = ste.q2();
     // AArch64 tables only, little-endian only, no stall (STALL_MODEL = 0b01), no HTTU.
     if !q2.s2aa64() || q2.s2endi() || q2.s2s() || q2.s2ha() || q2.s2hd() {
@@ -468,7 +468,7 @@ fn decode_tt(cd: &Cd, i: usize, ips_bits: u8) -> Result<TtConfig, ConfigFault> {
 }
 
 /// Decodes a CD, or says why it is ILLEGAL.
-pub fn decode_cd(cd: &Cd, features: &Features) -> Result<Context, ConfigFault> {
+pub fn decode_cd(cd: &Cd, features: &Capabilities) -> Result<Context, ConfigFault> {
     let q0 = cd.q0();
     // Valid and AArch64; no HTTU (HA/HD) and no stalls (S, STALL_MODEL = 0b01); A = 1 with
     // TERM_MODEL = 1; little-endian tables, checked unless both halves are disabled.
@@ -506,7 +506,7 @@ mod linux_vectors {
     //! out-of-range fields made legal decodes to the expected configuration.
 
     use super::*;
-    use crate::smmuv3::walk::Granule;
+    use crate::walk::Granule;
 
     fn ste(d: [u64; 4]) -> Ste {
         Ste {
@@ -521,13 +521,13 @@ mod linux_vectors {
     }
 
     /// A vSMMU with both stages, ATS and 20-bit SSIDs.
-    fn features() -> Features {
-        Features {
+    fn features() -> Capabilities {
+        Capabilities {
             s2p: true,
             ats: true,
             ssid_bits: 20,
             oas_bits: 48,
-            ..Features::qemu_default()
+            ..Capabilities::qemu_default()
         }
     }
 
@@ -672,7 +672,7 @@ mod linux_vectors {
         assert_eq!(s.q1().s1dss(), 1);
         assert_eq!(decode_ste(&s, &features()), Err(ConfigFault::BadSte));
         // Without stage 2 on the SMMU a nested STE is ILLEGAL before any field is looked at.
-        let s1_only = Features {
+        let s1_only = Capabilities {
             s2p: false,
             ..features()
         };

@@ -1,5 +1,7 @@
-//! The SMMUv3 model: a pure library. It reads and writes guest memory through vm-memory and
-//! returns effects; it does no socket or ioctl I/O.
+//! `viommu-smmuv3`: a model of the ARM SMMUv3 (IHI 0070) for one guest, as a pure library. It
+//! reads and writes guest memory through vm-memory and returns effects; it does no socket,
+//! file or ioctl I/O, and has no unsafe code. It speaks its own types: the daemon converts
+//! between them and the wire protocol at its edge.
 //!
 //! - [`spec`]: the architecture's registers and structures;
 //! - [`registers`]: register semantics; [`queue`]: queue index arithmetic;
@@ -8,9 +10,11 @@
 //! - `cmdq`, `evtq`, `translate`: the command queue, event queue and translation engines,
 //!   as methods of [`Smmu`].
 
+#![forbid(unsafe_code)]
+
+pub mod capabilities;
 mod cmdq;
 mod evtq;
-pub mod features;
 mod host_hooks;
 pub mod queue;
 pub mod registers;
@@ -21,10 +25,9 @@ pub mod tlb;
 mod translate;
 pub mod walk;
 
-use viommu_protocol::types::IdRegs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
-pub use features::Features;
+pub use capabilities::{Capabilities, IdRegisters};
 pub use translate::{Translation, TranslationFault};
 
 use registers::{RegisterAction, Registers};
@@ -149,7 +152,7 @@ pub struct Counters {
 /// One virtual SMMUv3.
 #[derive(Debug)]
 pub struct Smmu {
-    features: Features,
+    features: Capabilities,
     regs: Registers,
     iotlb: Iotlb,
     configs: ConfigCache,
@@ -172,7 +175,7 @@ pub fn fault_event_id(kind: FaultKind) -> EventId {
 
 impl Smmu {
     /// An SMMU with these features, in its reset state.
-    pub fn new(features: Features) -> Self {
+    pub fn new(features: Capabilities) -> Self {
         Self {
             regs: Registers::new(features.id_regs(), features.msi),
             features,
@@ -186,12 +189,12 @@ impl Smmu {
     }
 
     /// The features.
-    pub fn features(&self) -> &Features {
+    pub fn features(&self) -> &Capabilities {
         &self.features
     }
 
     /// The ID registers the guest reads.
-    pub fn id_regs(&self) -> IdRegs {
+    pub fn id_regs(&self) -> IdRegisters {
         self.regs.id
     }
 
@@ -360,7 +363,7 @@ mod tests {
     #[test]
     fn stream_state_follows_gbpa_smmuen_and_the_stream_table() {
         let mem = mem();
-        let mut smmu = Smmu::new(Features::qemu_default());
+        let mut smmu = Smmu::new(Capabilities::qemu_default());
         assert_eq!(
             smmu.stream_state(&mem, 3),
             StreamState::GlobalBypass,

@@ -15,9 +15,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use viommu_backend::smmuv3::spec::regs::offset;
-use viommu_backend::smmuv3::walk::{self, AccessKind, Granule, Stage1Config, TtConfig};
-use viommu_backend::smmuv3::{CmdqStatus, Features, Smmu};
+use viommu_smmuv3::spec::regs::offset;
+use viommu_smmuv3::walk::{self, AccessKind, Granule, Stage1Config, TtConfig};
+use viommu_smmuv3::{Capabilities, CmdqStatus, Smmu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
@@ -35,7 +35,7 @@ fn memory() -> Mem {
 
 /// An enabled SMMU with a 2^15-entry command queue and a linear stream table.
 fn enabled(mem: &Mem) -> Smmu {
-    let mut smmu = Smmu::new(Features::qemu_default());
+    let mut smmu = Smmu::new(Capabilities::qemu_default());
     smmu.mmio_write(mem, offset::STRTAB_BASE, 8, STRTAB);
     smmu.mmio_write(mem, offset::STRTAB_BASE_CFG, 4, 8); // linear, 256 STEs
     smmu.mmio_write(mem, offset::CMDQ_BASE, 8, CMDQ_BASE | CMDQ_LOG2);
