@@ -4,10 +4,10 @@
 //! the model targets' inputs: addresses, commands, transactions, register names.
 
 use viommu_backend::limits::ModelLimits;
+use viommu_protocol::types::{ConfigFlags, ModelConfig};
 use viommu_smmuv3::spec::regs::offset;
 use viommu_smmuv3::walk::AccessKind;
-use viommu_smmuv3::{CmdqStatus, Effect, Smmu, Translation, TranslationFault};
-use viommu_protocol::types::{ConfigFlags, ModelConfig};
+use viommu_smmuv3::{BarrierOutcome, CmdqStatus, Effect, Smmu, Translation, TranslationFault};
 use viommu_tests::guest::alloc::BumpAllocator;
 use viommu_tests::guest::bits::low_mask;
 use viommu_tests::guest::cd::{CTXDESC_CD_0_TCR_TBI0, CdFmt, CdTable, make_s1_cd, with_ttb1};
@@ -116,7 +116,7 @@ impl ModelSel {
         ModelLimits::default()
             .check(&cfg)
             .expect("a configuration within the limits");
-        viommu_backend::model_config::capabilities(&cfg)
+        viommu_backend::session::model_config::capabilities(&cfg)
     }
 }
 
@@ -262,7 +262,7 @@ fn cd_fmt(sel: &CdFmtSel) -> CdFmt {
 /// Bounds for what the session-like loops may see.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DriveStats {
-    /// `run_cmdq` calls.
+    /// Command-queue runs (the write's, then one per barrier served).
     pub rounds: u64,
     /// Effects taken.
     pub effects: u64,
@@ -274,9 +274,8 @@ impl World {
     pub fn build(spec: &WorldSpec) -> World {
         let mut world = Self::build_in(new_ram(), spec);
         for (off, size, value) in world.register_writes() {
-            world.smmu.mmio_write(&world.mem, off, size, value);
+            world.write(off, size, value);
         }
-        world.drive();
         world
     }
 
@@ -547,17 +546,17 @@ impl World {
         writes.to_vec()
     }
 
-    /// What the session does after an MMIO write: run the command queue until it is idle,
-    /// carrying out the effects of each barrier. Checks that this terminates and that the
-    /// effects stay proportionate to the commands consumed.
+    /// Takes the effects of something other than a register write (a reset, a build) and
+    /// checks that the command queue is idle.
     pub fn drive(&mut self) -> DriveStats {
-        drive(&mut self.smmu, &self.mem)
+        drive(&mut self.smmu, &self.mem, |_, _| CmdqStatus::Idle)
     }
 
-    /// A register write followed by [`World::drive`].
+    /// A register write, served the way `Session::mmio_write` serves it (see [`drive`]).
     pub fn write(&mut self, offset: u64, size: u32, value: u64) -> DriveStats {
-        self.smmu.mmio_write(&self.mem, offset, size, value);
-        self.drive()
+        drive(&mut self.smmu, &self.mem, |smmu, mem| {
+            smmu.mmio_write(mem, offset, size, value)
+        })
     }
 
     /// Writes commands at CMDQ_PROD (as the guest's producer would) and publishes them.
@@ -593,15 +592,25 @@ impl World {
     }
 }
 
-/// Runs the command queue the way `Session::mmio_write` does.
-pub fn drive<M: viommu_smmuv3::GuestMemory>(smmu: &mut Smmu, mem: &M) -> DriveStats {
+/// Runs `first` (a register write) and serves every barrier it leads to, the way
+/// `Session::mmio_write` does. Checks that this terminates and that the effects stay
+/// proportionate to the commands consumed.
+pub fn drive<M: viommu_smmuv3::GuestMemory>(
+    smmu: &mut Smmu,
+    mem: &M,
+    first: impl FnOnce(&mut Smmu, &M) -> CmdqStatus,
+) -> DriveStats {
     let mut stats = DriveStats::default();
     // Each round but the last completes at least one command; the queue holds at most
     // 2^19 of them, and a barrier takes one more round.
     let limit = (2u64 << smmu.features().cmdqs) + 8;
+    let mut first = Some(first);
     loop {
         let before = smmu.counters();
-        let status = smmu.run_cmdq(mem);
+        let status = match first.take() {
+            Some(write) => write(smmu, mem),
+            None => smmu.serve_barrier(mem, BarrierOutcome::Served),
+        };
         let after = smmu.counters();
         stats.rounds += 1;
         let effects: Vec<Effect> = smmu.take_effects();
@@ -623,7 +632,7 @@ pub fn drive<M: viommu_smmuv3::GuestMemory>(smmu: &mut Smmu, mem: &M) -> DriveSt
     }
 }
 
-/// After `run_cmdq` returns `Idle`, the queue is disabled, stopped on an error, or empty.
+/// Once the command queue is `Idle`, the queue is disabled, stopped on an error, or empty.
 pub fn check_idle(smmu: &Smmu) {
     let regs = smmu.registers();
     if !regs.cr0.cmdqen() || regs.active_errors().cmdq_err() {
@@ -705,7 +714,9 @@ pub fn check_snapshot(smmu: &Smmu) {
     assert_eq!(other.registers(), smmu.registers(), "restore differs");
 }
 
-fn serde_json_roundtrip(snap: &viommu_smmuv3::snapshot::SmmuSnapshot) -> viommu_smmuv3::snapshot::SmmuSnapshot {
+fn serde_json_roundtrip(
+    snap: &viommu_smmuv3::snapshot::SmmuSnapshot,
+) -> viommu_smmuv3::snapshot::SmmuSnapshot {
     let text = serde_json::to_string(snap).expect("snapshot to JSON");
     serde_json::from_str(&text).expect("snapshot from JSON")
 }

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use viommu_smmuv3::CmdqStatus;
+use viommu_smmuv3::{BarrierOutcome, CmdqStatus};
 
 fn ste_changed(sid: u32) -> Effect {
     Effect::StreamsChanged(SidRange {
@@ -440,8 +440,8 @@ fn cmd_sync_msi_address_truncated_to_oas() {
     assert_eq!(read_u32(&d.mem, word).unwrap(), 0x4242);
 }
 
-/// A CMD_SYNC waits for the effects of the commands before it: `run_cmdq` stops on it with
-/// `SyncBarrier` (CONS on the sync) until the effects are taken.
+/// A CMD_SYNC waits for the effects of the commands before it: the PROD write stops on it
+/// with `SyncBarrier` (CONS on the sync) until the barrier is served.
 #[test]
 fn cmd_sync_waits_for_effects() {
     let mut d = boot(features());
@@ -459,11 +459,16 @@ fn cmd_sync_waits_for_effects() {
     let end = q.inc(sync_at);
     let mem = d.mem.clone();
     let smmu = d.port.smmu_mut();
-    smmu.mmio_write(&mem, ARM_SMMU_CMDQ_PROD, 4, u64::from(end));
-    assert_eq!(smmu.run_cmdq(&mem), CmdqStatus::SyncBarrier);
+    assert_eq!(
+        smmu.mmio_write(&mem, ARM_SMMU_CMDQ_PROD, 4, u64::from(end)),
+        CmdqStatus::SyncBarrier
+    );
     assert_eq!(smmu.mmio_read(ARM_SMMU_CMDQ_CONS, 4), u64::from(sync_at));
     assert_eq!(smmu.take_effects(), [ste_changed(7)]);
-    assert_eq!(smmu.run_cmdq(&mem), CmdqStatus::Idle);
+    assert_eq!(
+        smmu.serve_barrier(&mem, BarrierOutcome::Served),
+        CmdqStatus::Idle
+    );
     assert_eq!(smmu.mmio_read(ARM_SMMU_CMDQ_CONS, 4), u64::from(end));
     d.cmdq.llq.prod = end;
     d.sync().unwrap();

@@ -17,7 +17,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use viommu_smmuv3::spec::regs::offset;
 use viommu_smmuv3::walk::{self, AccessKind, Granule, Stage1Config, TtConfig};
-use viommu_smmuv3::{Capabilities, CmdqStatus, Smmu};
+use viommu_smmuv3::{BarrierOutcome, Capabilities, CmdqStatus, Smmu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
@@ -36,10 +36,14 @@ fn memory() -> Mem {
 /// An enabled SMMU with a 2^15-entry command queue and a linear stream table.
 fn enabled(mem: &Mem) -> Smmu {
     let mut smmu = Smmu::new(Capabilities::qemu_default());
-    smmu.mmio_write(mem, offset::STRTAB_BASE, 8, STRTAB);
-    smmu.mmio_write(mem, offset::STRTAB_BASE_CFG, 4, 8); // linear, 256 STEs
-    smmu.mmio_write(mem, offset::CMDQ_BASE, 8, CMDQ_BASE | CMDQ_LOG2);
-    smmu.mmio_write(mem, offset::CR0, 4, 0x9); // SMMUEN | CMDQEN
+    for (off, size, value) in [
+        (offset::STRTAB_BASE, 8, STRTAB),
+        (offset::STRTAB_BASE_CFG, 4, 8), // linear, 256 STEs
+        (offset::CMDQ_BASE, 8, CMDQ_BASE | CMDQ_LOG2),
+        (offset::CR0, 4, 0x9), // SMMUEN | CMDQEN
+    ] {
+        assert_eq!(smmu.mmio_write(mem, off, size, value), CmdqStatus::Idle);
+    }
     smmu
 }
 
@@ -57,9 +61,10 @@ fn fill(mem: &Mem, pattern: &[(u64, u64)]) {
 /// releasing its effects.
 fn doorbell(smmu: &mut Smmu, mem: &Mem, prod: &mut u32) {
     *prod = (*prod + BATCH) & ((1 << (CMDQ_LOG2 + 1)) - 1);
-    smmu.mmio_write(mem, offset::CMDQ_PROD, 4, u64::from(*prod));
-    while smmu.run_cmdq(mem) == CmdqStatus::SyncBarrier {
+    let mut status = smmu.mmio_write(mem, offset::CMDQ_PROD, 4, u64::from(*prod));
+    while status == CmdqStatus::SyncBarrier {
         black_box(smmu.drain_effects().count());
+        status = smmu.serve_barrier(mem, BarrierOutcome::Served);
     }
     black_box(smmu.drain_effects().count());
     assert_eq!(

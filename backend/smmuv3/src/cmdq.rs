@@ -118,7 +118,7 @@ impl Smmu {
     /// Commands are fetched in runs of up to [`FETCH_BATCH`] contiguous entries with one guest
     /// memory read; a run that cannot be read is fetched entry by entry, so that CERROR_ABT
     /// names the exact entry.
-    pub fn run_cmdq<M: GuestMemory>(&mut self, mem: &M) -> CmdqStatus {
+    pub(crate) fn run_cmdq<M: GuestMemory>(&mut self, mem: &M) -> CmdqStatus {
         loop {
             if !self.regs.cr0.cmdqen() || self.regs.active_errors().cmdq_err() {
                 return CmdqStatus::Idle;
@@ -153,6 +153,14 @@ impl Smmu {
                 }
             }
         }
+    }
+
+    /// The host could not complete the invalidations before the CMD_SYNC the queue stopped
+    /// at: the sync fails with CERROR_ATC_INV_SYNC and the effects still pending are dropped.
+    pub(super) fn fail_sync<M: GuestMemory>(&mut self, mem: &M) {
+        self.effects
+            .retain(|e| !matches!(e, Effect::HostInvalidate(_)));
+        self.command_error(mem, cerror::ATC_INV_SYNC);
     }
 
     /// Stops the queue on the command at CONS: CMDQ_CONS.ERR and GERROR.CMDQ_ERR.

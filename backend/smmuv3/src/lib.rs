@@ -15,7 +15,6 @@
 pub mod capabilities;
 mod cmdq;
 mod evtq;
-mod host_hooks;
 pub mod queue;
 pub mod registers;
 pub mod snapshot;
@@ -122,14 +121,31 @@ pub enum StreamState {
     Unreachable(stream::ConfigFault),
 }
 
-/// How a command-queue run ended.
+/// Where a register write, or a served barrier, left the command queue.
+///
+/// The barrier rule is the model's API: [`Smmu::mmio_write`] runs the command queue itself,
+/// to quiescence or to the first CMD_SYNC that must wait for the effects produced before it.
+/// At a barrier the caller carries those effects out (see [`Smmu::take_effects`]) and answers
+/// with [`Smmu::serve_barrier`], which completes (or fails) the sync and runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a SyncBarrier must be answered with Smmu::serve_barrier"]
 pub enum CmdqStatus {
     /// Nothing left to do: the queue is empty, disabled, or stopped on an error.
     Idle,
-    /// A CMD_SYNC waits for the effects produced before it: carry them out (see
-    /// [`Smmu::take_effects`]), then run the queue again to complete the sync.
+    /// A CMD_SYNC waits for the effects produced before it: carry them out, then call
+    /// [`Smmu::serve_barrier`].
     SyncBarrier,
+}
+
+/// How the caller carried out the effects before a CMD_SYNC barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierOutcome {
+    /// Every effect was carried out: the CMD_SYNC completes.
+    Served,
+    /// The host IOMMU could not complete the invalidations ([`Effect::HostInvalidate`]): the
+    /// sync fails with CERROR_ATC_INV_SYNC, the architecture's error for invalidations that
+    /// did not complete, and GERROR.CMDQ_ERR; effects still pending are dropped.
+    HostInvalidationFailed,
 }
 
 /// Counters for observability.
@@ -260,9 +276,16 @@ impl Smmu {
         self.regs.read(offset, size)
     }
 
-    /// A guest register write. Command processing started by a CMDQ_PROD write or a command
-    /// queue (re-)enable does not happen here: call [`Smmu::run_cmdq`] after every write.
-    pub fn mmio_write<M: GuestMemory>(&mut self, mem: &M, offset: u64, size: u32, value: u64) {
+    /// A guest register write, then the command processing it may start (a CMDQ_PROD write, a
+    /// command queue enabled, a GERROR acknowledged): to quiescence or to the first barrier
+    /// the caller must serve.
+    pub fn mmio_write<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        offset: u64,
+        size: u32,
+        value: u64,
+    ) -> CmdqStatus {
         let mut actions = std::mem::take(&mut self.actions);
         let cmdq_before = (self.regs.cmdq.base, self.regs.cmdq.cons, self.regs.cr0);
         self.regs.write(offset, size, value, &mut actions);
@@ -273,6 +296,20 @@ impl Smmu {
             self.apply(mem, action);
         }
         self.actions = actions;
+        self.run_cmdq(mem)
+    }
+
+    /// Answers a [`CmdqStatus::SyncBarrier`]: the CMD_SYNC the queue stopped at completes (or
+    /// fails, see [`BarrierOutcome`]) and command processing goes on.
+    pub fn serve_barrier<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        outcome: BarrierOutcome,
+    ) -> CmdqStatus {
+        if outcome == BarrierOutcome::HostInvalidationFailed {
+            self.fail_sync(mem);
+        }
+        self.run_cmdq(mem)
     }
 
     fn apply<M: GuestMemory>(&mut self, _mem: &M, action: RegisterAction) {
@@ -299,7 +336,7 @@ impl Smmu {
                     });
                 }
             }
-            // Command processing resumes in run_cmdq.
+            // Command processing resumes at the end of mmio_write.
             RegisterAction::CmdqProd | RegisterAction::GerrorAck | RegisterAction::EventqCons => {}
         }
     }
@@ -370,7 +407,10 @@ mod tests {
             "GBPA resets to bypass"
         );
         // GBPA.ABORT with UPDATE.
-        smmu.mmio_write(&mem, offset::GBPA, 4, (1 << 31) | (1 << 20));
+        assert_eq!(
+            smmu.mmio_write(&mem, offset::GBPA, 4, (1 << 31) | (1 << 20)),
+            CmdqStatus::Idle
+        );
         assert_eq!(
             smmu.mmio_read(offset::GBPA, 4),
             1 << 20,
@@ -385,9 +425,15 @@ mod tests {
         // A linear table of 16 STEs at 0x8000; STE 3 bypasses.
         mem.write_obj(0x9u64, GuestAddress(0x8000 + 3 * 64))
             .unwrap();
-        smmu.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000);
-        smmu.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 4);
-        smmu.mmio_write(&mem, offset::CR0, 4, 1);
+        assert_eq!(
+            smmu.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000),
+            CmdqStatus::Idle
+        );
+        assert_eq!(
+            smmu.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 4),
+            CmdqStatus::Idle
+        );
+        assert_eq!(smmu.mmio_write(&mem, offset::CR0, 4, 1), CmdqStatus::Idle);
         match smmu.stream_state(&mem, 3) {
             StreamState::Ste { ste, config } => {
                 assert_eq!(ste.words[0], 0x9);

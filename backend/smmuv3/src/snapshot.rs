@@ -185,13 +185,20 @@ mod tests {
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut a = Smmu::new(Capabilities::qemu_default());
-        a.mmio_write(&mem, offset::STRTAB_BASE, 8, 0x8000);
-        a.mmio_write(&mem, offset::STRTAB_BASE_CFG, 4, 0x1_0208);
-        a.mmio_write(&mem, offset::CMDQ_BASE, 8, 0x2_0000 | 8);
-        a.mmio_write(&mem, offset::EVENTQ_BASE, 8, 0x3_0000 | 7);
-        a.mmio_write(&mem, offset::EVENTQ_CONS, 4, 0x8000_0003);
-        a.mmio_write(&mem, offset::IRQ_CTRL, 4, 5);
-        a.mmio_write(&mem, offset::CR0, 4, 0xd);
+        for (off, size, value) in [
+            (offset::STRTAB_BASE, 8, 0x8000),
+            (offset::STRTAB_BASE_CFG, 4, 0x1_0208),
+            (offset::CMDQ_BASE, 8, 0x2_0000 | 8),
+            (offset::EVENTQ_BASE, 8, 0x3_0000 | 7),
+            (offset::EVENTQ_CONS, 4, 0x8000_0003),
+            (offset::IRQ_CTRL, 4, 5),
+            (offset::CR0, 4, 0xd),
+        ] {
+            assert_eq!(
+                a.mmio_write(&mem, off, size, value),
+                crate::CmdqStatus::Idle
+            );
+        }
         let json = serde_json::to_string(&a.snapshot()).unwrap();
         let snap: SmmuSnapshot = serde_json::from_str(&json).unwrap();
         let mut b = Smmu::new(Capabilities::qemu_default());

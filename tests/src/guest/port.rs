@@ -3,7 +3,8 @@
 
 use viommu_smmuv3::walk::AccessKind;
 use viommu_smmuv3::{
-    Capabilities, CmdqStatus, Effect, GuestMemory, Smmu, Translation, TranslationFault,
+    BarrierOutcome, Capabilities, CmdqStatus, Effect, GuestMemory, Smmu, Translation,
+    TranslationFault,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -25,7 +26,7 @@ impl<P: SmmuPort + ?Sized> SmmuPort for &mut P {
     }
 }
 
-/// Most `run_cmdq` rounds one register write may take (each CMD_SYNC barrier is one round).
+/// Most barriers one register write may serve.
 const MAX_ROUNDS: usize = 1 << 22;
 
 /// The model in-process: every write is followed by command processing up to `Idle`, and every
@@ -79,14 +80,14 @@ impl<M: GuestMemory> DirectPort<M> {
         std::mem::take(&mut self.effects)
     }
 
-    /// Runs the command queue until it is idle, carrying out each barrier's effects.
-    pub fn run(&mut self) {
+    /// Serves barriers until the command queue is idle, keeping each barrier's effects.
+    pub fn run(&mut self, mut status: CmdqStatus) {
         for _ in 0..MAX_ROUNDS {
-            let status = self.smmu.run_cmdq(&self.mem);
             self.collect();
             if status == CmdqStatus::Idle {
                 return;
             }
+            status = self.smmu.serve_barrier(&self.mem, BarrierOutcome::Served);
         }
     }
 
@@ -110,8 +111,7 @@ impl<M: GuestMemory> SmmuPort for DirectPort<M> {
     }
 
     fn write(&mut self, offset: u64, size: u32, value: u64) {
-        self.smmu.mmio_write(&self.mem, offset, size, value);
-        self.collect();
-        self.run();
+        let status = self.smmu.mmio_write(&self.mem, offset, size, value);
+        self.run(status);
     }
 }
