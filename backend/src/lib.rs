@@ -1,28 +1,17 @@
-//! `viommu-backend`: an out-of-process virtual ARM SMMUv3 for QEMU.
+//! `viommu-backend`: an out-of-process virtual ARM SMMUv3 for QEMU. The SMMUv3 model itself
+//! is the crate `viommu_smmuv3`; this crate puts it behind the vIOMMU-user protocol.
 //!
-//! - the SMMUv3 model itself is the crate `viommu_smmuv3`;
-//! - [`session`]: one frontend connection, the protocol around the model;
-//! - [`memory`]: guest RAM from the frontend's memory table;
-//! - [`ram_guard`]: surviving a frontend that truncates guest RAM (SIGBUS);
-//! - [`handed_out`]: what the frontend may have cached, so invalidations it need not hear of
-//!   cost no round trip;
-//! - [`daemon`]: the event loop that serves frontends one after another;
-//! - [`inherited`]: adopting a socket passed with `--fd`;
-//! - [`limits`]: what the operator lets a frontend configure;
-//! - [`sandbox`]: seccomp, Landlock and privilege drops before serving;
-//! - [`passthrough`]: VFIO devices' iommufd objects, kept in step with the guest's STEs;
-//! - [`host`]: the host IOMMU (Linux iommufd) of passthrough mode, behind a trait.
+//! - [`daemon`]: the process around sessions: the event loop that serves frontends one after
+//!   another, sockets inherited with `--fd`, and the sandbox;
+//! - [`session`]: one frontend connection, the protocol around the model: the phase machine
+//!   and dispatch, effects, devices, passthrough, saved state, guest memory;
+//! - [`host`]: the host IOMMU (Linux iommufd) of passthrough mode, behind a trait;
+//! - [`limits`]: what the operator lets a frontend configure (given on the command line,
+//!   checked by the session).
 
 pub mod daemon;
-pub mod handed_out;
 pub mod host;
-pub mod inherited;
 pub mod limits;
-pub mod memory;
-pub mod model_config;
-pub mod passthrough;
-pub mod ram_guard;
-pub mod sandbox;
 pub mod session;
 
 /// An error and its sources, joined for a log line or an error reply.

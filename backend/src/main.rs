@@ -15,9 +15,9 @@ use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
 use log::{error, info};
 use viommu_backend::daemon::{self, Shutdown};
-use viommu_backend::inherited;
+use viommu_backend::daemon::inherited;
 use viommu_backend::limits::{ModelFeature, ModelLimits};
-use viommu_backend::sandbox::{self, SandboxMode};
+use viommu_backend::daemon::sandbox::{self, SandboxMode};
 use viommu_backend::session::OFFERED_FEATURES;
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.
@@ -226,7 +226,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::install()?;
     // A frontend that truncates guest RAM under us ends its session, not the daemon; the
     // handler goes in before the sandbox, which does not allow installing it.
-    viommu_backend::ram_guard::install().context("cannot install the SIGBUS handler")?;
+    viommu_backend::session::ram_guard::install().context("cannot install the SIGBUS handler")?;
     // The only file the daemon touches after this is its own socket file, removed at exit.
     let socket_dir = match &source {
         Source::Path(path, _) => path.parent(),

@@ -11,10 +11,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use viommu_smmuv3::spec::regs::offset;
 use viommu_fuzz::cmdq::{BaseSel, Input, Op};
 use viommu_fuzz::codec::from_bytes;
 use viommu_fuzz::world::{Cmd, World, check_registers, check_snapshot};
+use viommu_smmuv3::spec::regs::offset;
 use viommu_tests::guest::mem::write_u64;
 use vm_memory::{Bytes, GuestAddress};
 

@@ -13,10 +13,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use viommu_smmuv3::Smmu;
 use viommu_fuzz::codec::from_bytes;
 use viommu_fuzz::walk::{Input, MutOp, Step, Target};
 use viommu_fuzz::world::{Addr, Cmd, World, check_translation};
+use viommu_smmuv3::Smmu;
 use viommu_tests::guest::mem::{read_u64, write_u64};
 
 /// The address of a target word, if the world has it.

@@ -15,7 +15,6 @@ use viommu_backend::host::{
     HostDevice, HostError, HostIommu, HwInfo, InvalidateError, ObjectId, RawCmd, VEvent, VSte,
 };
 use viommu_backend::session::{Session, SessionOptions};
-use viommu_smmuv3::spec::regs::offset;
 use viommu_protocol::message::{Reply, Request};
 use viommu_protocol::types::{
     Access, AccessSize, ConfigFlags, Features, IrqIndex, MemRegion, MmioAccess, PassthroughIds,
@@ -25,6 +24,7 @@ use viommu_protocol::{
     AttachDevice, BackendReply, BackendRequest, DeviceSid, ErrorReply, FrontendChannel,
     FrontendReply, FrontendRequest, Incoming, Passthrough, StateBlob, Status,
 };
+use viommu_smmuv3::spec::regs::offset;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::world::{Addr, Cmd, ModelSel, Reg, World, WorldSpec};
@@ -417,7 +417,7 @@ impl Harness {
         let mut regions = Vec::new();
         for (slot, r) in &self.table {
             let fd = self.memfds[*slot].try_clone().ok()?;
-            regions.push(viommu_backend::memory::map_region(r, fd).ok()?);
+            regions.push(viommu_backend::session::guest_memory::map_region(r, fd).ok()?);
         }
         GuestMemoryMmap::from_arc_regions(regions).ok()
     }
@@ -446,7 +446,7 @@ impl Harness {
                     cfg.ssid_bits = 0;
                 }
                 if let Some(Ok(_)) = self.send(FrontendRequest::SetConfig(cfg)) {
-                    self.features = viommu_backend::model_config::capabilities(&cfg);
+                    self.features = viommu_backend::session::model_config::capabilities(&cfg);
                 }
             }
             Msg::GetIdRegs => {

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::Context;
 use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, ftruncate, memfd_create};
-use viommu_backend::memory::map_region;
+use viommu_backend::session::guest_memory::map_region;
 use viommu_protocol::MemRegion;
 use vm_memory::GuestMemoryMmap;
 

@@ -1,5 +1,8 @@
 //! The event loop: serve frontends one after another until SIGTERM or SIGINT.
 
+pub mod inherited;
+pub mod sandbox;
+
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -84,7 +84,7 @@ pub const MAX_MEM_SLOTS: usize = 256;
 ///
 /// The file must be at least `mmap_offset + size` bytes long now. A file the frontend shrinks
 /// later (one not sealed against shrinking) turns accesses to the lost pages into SIGBUS,
-/// which [`crate::ram_guard`] turns into the end of the session.
+/// which [`crate::session::ram_guard`] turns into the end of the session.
 pub fn map_region(
     region: &MemRegion,
     fd: OwnedFd,

@@ -5,6 +5,12 @@
 //! protocol errors: they are the model's business. Protocol errors get the reply the protocol
 //! prescribes, and a failure the frontend could not learn of ends the session.
 
+pub mod guest_memory;
+pub mod handed_out;
+pub mod host_objects;
+pub mod model_config;
+pub mod ram_guard;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,16 +31,15 @@ use viommu_protocol::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::handed_out::{self, HandedOut};
+use handed_out::HandedOut;
 use crate::host::{HostDevice, HostError, HostIommu, RawCmd, VEvent};
 use crate::limits::ModelLimits;
-use crate::memory::{self, GuestRam, MAX_MEM_SLOTS};
-use crate::passthrough::{self, Applied, Passthrough, PassthroughState};
-use crate::ram_guard;
+use guest_memory::{GuestRam, MAX_MEM_SLOTS};
+use host_objects::{Applied, Passthrough, PassthroughState};
 use viommu_smmuv3::snapshot::SmmuSnapshot;
 use viommu_smmuv3::stream::StreamConfig;
 use viommu_smmuv3::walk::AccessKind;
-use viommu_smmuv3::{CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
+use viommu_smmuv3::{BarrierOutcome, CmdqStatus, Effect, IrqLine, SidRange, Smmu, StreamState};
 
 /// Features this backend offers.
 pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
@@ -499,7 +504,7 @@ impl Session {
             FrontendRequest::SetConfig(cfg) => self.set_config(&cfg),
             FrontendRequest::GetIdRegs => {
                 self.require(Phase::Configured, name)?;
-                Ok(FrontendReply::IdRegs(crate::model_config::id_regs(
+                Ok(FrontendReply::IdRegs(model_config::id_regs(
                     self.running().id_regs(),
                 )))
             }
@@ -519,7 +524,7 @@ impl Session {
             }
             FrontendRequest::SetMemTable(regions) => {
                 self.require(Phase::Negotiated, name)?;
-                let ram = memory::from_table(regions).map_err(memory_refusal)?;
+                let ram = guest_memory::from_table(regions).map_err(memory_refusal)?;
                 self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
@@ -531,14 +536,14 @@ impl Session {
             FrontendRequest::AddMemReg(region, fd) => {
                 self.require(Phase::Negotiated, name)?;
                 self.require_feature(Features::MEM_SLOTS, name)?;
-                let ram = memory::add(&self.ram, &region, fd).map_err(memory_refusal)?;
+                let ram = guest_memory::add(&self.ram, &region, fd).map_err(memory_refusal)?;
                 self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
             FrontendRequest::RemMemReg(region) => {
                 self.require(Phase::Negotiated, name)?;
                 self.require_feature(Features::MEM_SLOTS, name)?;
-                let ram = memory::remove(&self.ram, &region).map_err(memory_refusal)?;
+                let ram = guest_memory::remove(&self.ram, &region).map_err(memory_refusal)?;
                 self.set_ram(ram)?;
                 Ok(FrontendReply::Ack)
             }
@@ -647,7 +652,7 @@ impl Session {
             .limits
             .check(cfg)
             .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
-        let features = crate::model_config::capabilities(cfg);
+        let features = model_config::capabilities(cfg);
         info!("vSMMU configured: {features:?}");
         self.smmu = Some(Smmu::new(features));
         self.phase = Phase::Configured;
@@ -732,7 +737,7 @@ impl Session {
         };
         if self.idr_auto_pending && self.phase == Phase::Configured {
             // The first device fixes the ID registers before the guest can read them.
-            let features = passthrough::auto_features(&hw, smmu.features());
+            let features = host_objects::auto_features(&hw, smmu.features());
             info!(
                 "ID registers derived from device {}'s host SMMU: {features:?}",
                 dev.handle
@@ -743,7 +748,7 @@ impl Session {
         let Some(smmu) = self.smmu.as_ref() else {
             return Err(refuse(Status::BAD_STATE, "no vSMMU"));
         };
-        passthrough::check_fit(&hw, smmu.features()).map_err(|reason| {
+        host_objects::check_fit(&hw, smmu.features()).map_err(|reason| {
             refuse(
                 Status::INCOMPATIBLE,
                 format!(
@@ -752,7 +757,7 @@ impl Session {
                 ),
             )
         })?;
-        let target = passthrough::target_for(&smmu.stream_state(&self.ram, dev.sid));
+        let target = host_objects::target_for(&smmu.stream_state(&self.ram, dev.sid));
         let applied = p
             .attach(
                 dev.handle,
@@ -853,28 +858,30 @@ impl Session {
         let Some(smmu) = self.smmu.as_mut() else {
             return Err(refuse(Status::BAD_STATE, "no vSMMU"));
         };
-        smmu.mmio_write(ram, access.offset, access.size.bytes(), value);
+        let mut status = smmu.mmio_write(ram, access.offset, access.size.bytes(), value);
         loop {
-            let status = match self.smmu.as_mut() {
-                Some(smmu) => smmu.run_cmdq(&self.ram),
-                None => CmdqStatus::Idle,
-            };
             // Effects before a CMD_SYNC are carried out (and acknowledged on the backend
             // channel) before the sync completes.
             self.run_effects()?;
-            if std::mem::take(&mut self.host_invalidate_failed)
-                && status == CmdqStatus::SyncBarrier
-                && let Some(smmu) = self.smmu.as_mut()
-            {
-                smmu.fail_sync(&self.ram);
-                self.run_effects()?;
-            }
-            if status == CmdqStatus::Idle {
+            let failed = std::mem::take(&mut self.host_invalidate_failed);
+            let Some(smmu) = self
+                .smmu
+                .as_mut()
+                .filter(|_| status == CmdqStatus::SyncBarrier)
+            else {
                 if self.passthrough.is_some() {
                     self.follow_eventq();
                 }
                 return Ok(());
-            }
+            };
+            status = smmu.serve_barrier(
+                &self.ram,
+                if failed {
+                    BarrierOutcome::HostInvalidationFailed
+                } else {
+                    BarrierOutcome::Served
+                },
+            );
         }
     }
 
@@ -1097,7 +1104,7 @@ impl Session {
             {
                 let target = state
                     .as_ref()
-                    .map_or(passthrough::Target::Abort, passthrough::target_for);
+                    .map_or(host_objects::Target::Abort, host_objects::target_for);
                 match p.apply(handle, target) {
                     Ok(Applied::Done) => {}
                     Ok(Applied::Refused(_)) => refused.push(dev.sid),
@@ -1313,7 +1320,7 @@ impl Session {
                 idr: v.idr,
                 ..Default::default()
             };
-            let features = passthrough::auto_features(&hw, smmu.features());
+            let features = host_objects::auto_features(&hw, smmu.features());
             self.smmu = Some(Smmu::new(features));
             self.idr_auto_pending = false;
         }
@@ -1343,8 +1350,8 @@ fn address_space(state: StreamState) -> AddressSpace {
     }
 }
 
-fn memory_refusal(e: memory::MemoryError) -> ErrorReply {
-    use memory::MemoryError as M;
+fn memory_refusal(e: guest_memory::MemoryError) -> ErrorReply {
+    use guest_memory::MemoryError as M;
     // docs/protocol.md, SET_MEM_TABLE and ADD_MEM_REG: a descriptor of the wrong kind is an
     // invalid message; a file that cannot back the region is a host error.
     let status = match &e {
