@@ -14,10 +14,10 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
 use log::{error, info};
-use viommu_backend::daemon::{self, Shutdown};
 use viommu_backend::daemon::inherited;
-use viommu_backend::limits::{ModelFeature, ModelLimits};
 use viommu_backend::daemon::sandbox::{self, SandboxMode};
+use viommu_backend::daemon::{self, Shutdown};
+use viommu_backend::limits::{ModelFeature, ModelLimits};
 use viommu_backend::session::OFFERED_FEATURES;
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.

@@ -19,8 +19,8 @@ use viommu_backend::host::double::{HostDouble, NESTING_HW};
 use viommu_backend::host::{
     HostDevice, HostError, HostIommu, HwInfo, InvalidateError, ObjectId, RawCmd, VEvent, VSte,
 };
-use viommu_backend::session::host_objects::{ABORT_VSTE, BYPASS_VSTE};
 use viommu_backend::session::SessionOptions;
+use viommu_backend::session::host_objects::{ABORT_VSTE, BYPASS_VSTE};
 use viommu_protocol::{Access, AddressSpace, ConfigFlags, Error, ModelConfig, Status};
 use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::event::id;

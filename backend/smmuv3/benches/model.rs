@@ -193,7 +193,7 @@ fn translations(c: &mut Criterion) {
     let mem = memory();
     let s1 = stage1_tables(&mem, 1);
     group.bench_function("walk only, 4-level 4K", |b| {
-        b.iter(|| walk::translate(&mem, Some(black_box(&s1)), None, 0x4000_0123, read))
+        b.iter(|| walk::walk_tables(&mem, Some(black_box(&s1)), None, 0x4000_0123, read))
     });
     group.finish();
 }

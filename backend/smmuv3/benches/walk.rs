@@ -148,17 +148,18 @@ fn bench_stage1(c: &mut Criterion) {
     let root3 = b.alloc(0x1000);
     b.map(root3, 1, 9, 0x4020_0000, 2, 0x9_0000_0000 | S1_RW);
     let s1_block = stage1(25, root3);
-    assert!(walk::translate(&mem, Some(&s1_4level), None, IOVA, READ).is_ok());
-    assert!(walk::translate(&mem, Some(&s1_block), None, 0x4020_1234, READ).is_ok());
+    assert!(walk::walk_tables(&mem, Some(&s1_4level), None, IOVA, READ).is_ok());
+    assert!(walk::walk_tables(&mem, Some(&s1_block), None, 0x4020_1234, READ).is_ok());
 
     c.bench_function("walk s1 4K 4-level page", |bench| {
-        bench.iter(|| walk::translate(&mem, Some(&s1_4level), None, black_box(IOVA + 0x123), READ))
+        bench
+            .iter(|| walk::walk_tables(&mem, Some(&s1_4level), None, black_box(IOVA + 0x123), READ))
     });
     let mut page = 0;
     c.bench_function("walk s1 4K 4-level page, 512-page sweep", |bench| {
         bench.iter(|| {
             page = (page + 1) % SWEEP_PAGES;
-            walk::translate(
+            walk::walk_tables(
                 &mem,
                 Some(&s1_4level),
                 None,
@@ -168,10 +169,10 @@ fn bench_stage1(c: &mut Criterion) {
         })
     });
     c.bench_function("walk s1 4K 2 MiB block (2 lookups)", |bench| {
-        bench.iter(|| walk::translate(&mem, Some(&s1_block), None, black_box(0x4020_1234), READ))
+        bench.iter(|| walk::walk_tables(&mem, Some(&s1_block), None, black_box(0x4020_1234), READ))
     });
     c.bench_function("walk s1 4K translation fault at level 0", |bench| {
-        bench.iter(|| walk::translate(&mem, Some(&s1_4level), None, black_box(0x1000), READ))
+        bench.iter(|| walk::walk_tables(&mem, Some(&s1_4level), None, black_box(0x1000), READ))
     });
 }
 
@@ -219,17 +220,17 @@ fn bench_stage2_and_nested(c: &mut Criterion) {
     s2b.map(s2.ttb, 1, 10, 0x12_3456_7000, 3, 0x5_0000_0000 | S2_RW);
     let s1 = stage1(16, s1_root);
     assert_eq!(
-        walk::translate(&mem, Some(&s1), Some(&s2), IOVA + 0x10, READ)
+        walk::walk_tables(&mem, Some(&s1), Some(&s2), IOVA + 0x10, READ)
             .unwrap()
             .output(IOVA + 0x10),
         0x5_0000_0010
     );
 
     c.bench_function("walk s2 4K 3-level page (concatenated start)", |bench| {
-        bench.iter(|| walk::translate(&mem, None, Some(&s2), black_box(0x12_3456_7010), READ))
+        bench.iter(|| walk::walk_tables(&mem, None, Some(&s2), black_box(0x12_3456_7010), READ))
     });
     c.bench_function("walk nested 4K 4-level s1 over 3-level s2", |bench| {
-        bench.iter(|| walk::translate(&mem, Some(&s1), Some(&s2), black_box(IOVA + 0x10), READ))
+        bench.iter(|| walk::walk_tables(&mem, Some(&s1), Some(&s2), black_box(IOVA + 0x10), READ))
     });
 }
 

@@ -356,7 +356,7 @@ fn read_config<M: GuestMemory, const N: usize>(
                 read: true,
                 ..AccessKind::default()
             };
-            let mapping = walk::translate_s2(mem, &s2.walk, addr, read, FaultClass::Cd)
+            let mapping = walk::walk_stage2(mem, &s2.walk, addr, read, FaultClass::Cd)
                 .map_err(ConfigFault::CdStage2)?;
             mapping.output(addr)
         }

@@ -223,14 +223,14 @@ impl ConfigCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::walk::Perm;
+    use crate::walk::Permissions;
 
     fn mapping(input_base: u64, size_shift: u32, global: bool) -> Mapping {
         Mapping {
             input_base,
             output_base: input_base ^ 0x1_0000_0000,
             size_shift,
-            s1: Some(Perm::default()),
+            s1: Some(Permissions::default()),
             s2: None,
             global,
         }

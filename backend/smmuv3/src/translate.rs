@@ -36,7 +36,7 @@ impl Translation {
 
     fn from_mapping(m: &Mapping, privileged: bool) -> Self {
         let allows = |read: bool| {
-            let stage = |p: &walk::Perm| match (privileged, read) {
+            let stage = |p: &walk::Permissions| match (privileged, read) {
                 (true, true) => p.read_priv,
                 (true, false) => p.write_priv,
                 (false, true) => p.read_user,
@@ -235,7 +235,7 @@ impl Smmu {
             // Both stages bypassed: the input is the output.
             return Ok(Translation::identity());
         }
-        match walk::translate(mem, s1_walk, s2_walk, iova, access) {
+        match walk::walk_tables(mem, s1_walk, s2_walk, iova, access) {
             Ok(mapping) => {
                 self.iotlb.insert(tag, mapping);
                 Ok(Translation::from_mapping(&mapping, access.privileged))

@@ -132,7 +132,7 @@ impl AccessKind {
 
 /// What one stage of a mapping allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Perm {
+pub struct Permissions {
     /// Privileged read.
     pub read_priv: bool,
     /// Privileged write.
@@ -158,9 +158,9 @@ pub struct Mapping {
     /// translations the smaller of the two stages' blocks.
     pub size_shift: u32,
     /// Stage-1 permissions, if stage 1 took part.
-    pub s1: Option<Perm>,
+    pub s1: Option<Permissions>,
     /// Stage-2 permissions, if stage 2 took part.
-    pub s2: Option<Perm>,
+    pub s2: Option<Permissions>,
     /// The stage-1 leaf is global (nG, bit 11, is 0): it matches every ASID.
     pub global: bool,
 }
@@ -296,7 +296,7 @@ pub const TABLE_FETCH: AccessKind = AccessKind {
 /// Unless `access` is a probe ([`AccessKind::is_probe`]), the permissions of each stage are
 /// checked, each requested kind (read, write, exec) on its own: an instruction fetch that also
 /// needs read permission asks for both. A probe returns the mapping with its permissions.
-pub fn translate<M: GuestMemory>(
+pub fn walk_tables<M: GuestMemory>(
     mem: &M,
     s1: Option<&Stage1Config>,
     s2: Option<&Stage2Config>,
@@ -309,7 +309,7 @@ pub fn translate<M: GuestMemory>(
             check_access(mapping.s1, access, FaultCtx::STAGE1)?;
             Ok(mapping)
         }
-        (None, Some(s2)) => translate_s2(mem, s2, iova, access, FaultClass::In),
+        (None, Some(s2)) => walk_stage2(mem, s2, iova, access, FaultClass::In),
         (Some(s1), Some(s2)) => translate_nested(mem, s1, s2, iova, access),
         (None, None) => Err(FaultCtx::STAGE1.fault(FaultKind::Translation)),
     }
@@ -318,7 +318,7 @@ pub fn translate<M: GuestMemory>(
 /// Translates the IPA `ipa` through stage 2 alone, for `access` (no permission check for a
 /// probe). `class` says what the IPA is (a CD, a stage-1 table or an input address); every
 /// fault is reported with `stage2 = true`, that class and `ipa`.
-pub fn translate_s2<M: GuestMemory>(
+pub fn walk_stage2<M: GuestMemory>(
     mem: &M,
     s2: &Stage2Config,
     ipa: u64,
@@ -332,7 +332,12 @@ pub fn translate_s2<M: GuestMemory>(
     }
     let leaf = geometry.walk(s2.ttb, ipa, ctx, |pa| read_desc(mem, pa, ctx))?;
     check_access_flag(leaf.desc, s2.affd, ctx)?;
-    let mapping = Mapping::from_leaf(ipa, &leaf, None, Some(Perm::stage2(leaf.desc, s2.xnx)));
+    let mapping = Mapping::from_leaf(
+        ipa,
+        &leaf,
+        None,
+        Some(Permissions::stage2(leaf.desc, s2.xnx)),
+    );
     check_access(mapping.s2, access, ctx)?;
     Ok(mapping)
 }
@@ -342,7 +347,7 @@ impl Mapping {
     /// `Some(false)` if stage 1 does, `Some(true)` if stage 1 allows it and stage 2 does not.
     /// On an IOTLB hit this gives the F_PERMISSION fault's S2 bit.
     pub fn refuses(&self, access: AccessKind) -> Option<bool> {
-        let refused = |perm: Option<Perm>| perm.is_some_and(|perm| !perm.allows(access));
+        let refused = |perm: Option<Permissions>| perm.is_some_and(|perm| !perm.allows(access));
         if refused(self.s1) {
             Some(false)
         } else if refused(self.s2) {
@@ -360,7 +365,12 @@ impl Mapping {
     }
 
     /// The mapping of the block or page `leaf` for input address `addr`.
-    fn from_leaf(addr: u64, leaf: &Leaf, s1: Option<Perm>, s2: Option<Perm>) -> Mapping {
+    fn from_leaf(
+        addr: u64,
+        leaf: &Leaf,
+        s1: Option<Permissions>,
+        s2: Option<Permissions>,
+    ) -> Mapping {
         Mapping {
             input_base: addr & !low_mask(leaf.size_shift),
             output_base: leaf.output_base,
@@ -388,7 +398,7 @@ impl Mapping {
     }
 }
 
-impl Perm {
+impl Permissions {
     /// Whether every kind of access `access` asks for (read, write, exec, at its privilege) is
     /// allowed. A probe asks for nothing and is always allowed.
     pub fn allows(&self, access: AccessKind) -> bool {
@@ -409,11 +419,11 @@ impl Perm {
     /// removes unprivileged access, APTable\[1\] removes writes. PXN (bit 53) and UXN (bit 54)
     /// forbid execution; memory that unprivileged accesses may write is never privileged
     /// executable (Arm ARM stage-1 permission rules).
-    fn stage1(desc: u64, table: u64) -> Perm {
+    fn stage1(desc: u64, table: u64) -> Permissions {
         let read_only = has(desc, S1_AP_RDONLY) || has(table, TABLE_AP_RDONLY);
         let user = has(desc, S1_AP_UNPRIV) && !has(table, TABLE_AP_NO_UNPRIV);
         let write_user = user && !read_only;
-        Perm {
+        Permissions {
             read_priv: true,
             write_priv: !read_only,
             exec_priv: !has(desc, S1_PXN) && !has(table, TABLE_PXN) && !write_user,
@@ -428,7 +438,7 @@ impl Perm {
     /// `xnx` (SMMU_IDR3.XNX, FEAT_XNX) XN\[1:0\] (bits 54:53) reads: 0b00 executable at both
     /// levels, 0b01 not privileged (EL1), 0b10 at neither, 0b11 not unprivileged (EL0). Without
     /// it XN\[1\] alone forbids execution at both and bit 53 is ignored.
-    fn stage2(desc: u64, xnx: bool) -> Perm {
+    fn stage2(desc: u64, xnx: bool) -> Permissions {
         let read = has(desc, S2_AP_READ);
         let write = has(desc, S2_AP_WRITE);
         let (exec_priv, exec_user) = match (has(desc, S2_XN), xnx && has(desc, S2_XN0)) {
@@ -437,7 +447,7 @@ impl Perm {
             (true, false) => (false, false),
             (true, true) => (true, false),
         };
-        Perm {
+        Permissions {
             read_priv: read,
             write_priv: write,
             exec_priv,
@@ -503,7 +513,7 @@ fn walk_stage1(
     let leaf = geometry.walk(tt.ttb, addr, ctx, fetch)?;
     check_access_flag(leaf.desc, s1.affd, ctx)?;
     let table_attrs = if tt.had { 0 } else { leaf.table_attrs };
-    let perm = Perm::stage1(leaf.desc, table_attrs);
+    let perm = Permissions::stage1(leaf.desc, table_attrs);
     let mapping = Mapping::from_leaf(addr, &leaf, Some(perm), None);
     Ok(Mapping {
         global: !has(leaf.desc, NOT_GLOBAL),
@@ -543,12 +553,12 @@ fn translate_nested<M: GuestMemory>(
     access: AccessKind,
 ) -> Result<Mapping, WalkFault> {
     let fetch_through_s2 = |desc_ipa: u64| {
-        let table = translate_s2(mem, s2, desc_ipa, TABLE_FETCH, FaultClass::Tt)?;
+        let table = walk_stage2(mem, s2, desc_ipa, TABLE_FETCH, FaultClass::Tt)?;
         read_desc(mem, table.output(desc_ipa), FaultCtx::STAGE1)
     };
     let stage1 = walk_stage1(s1, iova, fetch_through_s2)?;
     check_access(stage1.s1, access, FaultCtx::STAGE1)?;
-    let stage2 = translate_s2(mem, s2, stage1.output(iova), access, FaultClass::In)?;
+    let stage2 = walk_stage2(mem, s2, stage1.output(iova), access, FaultClass::In)?;
     Ok(stage1.then(stage2, iova))
 }
 
@@ -774,7 +784,11 @@ fn check_access_flag(desc: u64, affd: bool, ctx: FaultCtx) -> Result<(), WalkFau
 }
 
 /// F_PERMISSION if `perm` (when the stage took part) refuses `access`.
-fn check_access(perm: Option<Perm>, access: AccessKind, ctx: FaultCtx) -> Result<(), WalkFault> {
+fn check_access(
+    perm: Option<Permissions>,
+    access: AccessKind,
+    ctx: FaultCtx,
+) -> Result<(), WalkFault> {
     if perm.is_some_and(|perm| !perm.allows(access)) {
         Err(ctx.fault(FaultKind::Permission))
     } else {
@@ -1112,7 +1126,7 @@ mod tests {
         iova: u64,
         access: AccessKind,
     ) -> Result<Mapping, WalkFault> {
-        translate(mem, Some(s1), None, iova, access)
+        walk_tables(mem, Some(s1), None, iova, access)
     }
 
     fn t2(
@@ -1121,7 +1135,7 @@ mod tests {
         ipa: u64,
         access: AccessKind,
     ) -> Result<Mapping, WalkFault> {
-        translate(mem, None, Some(s2), ipa, access)
+        walk_tables(mem, None, Some(s2), ipa, access)
     }
 
     /// A stage-1 input address in a `in_bits` range with its top bit and a mixed pattern set.
@@ -1796,7 +1810,7 @@ mod tests {
         let desc = root | PTE_AF | PTE_S2AP_READ | PTE_TYPE_TABLE;
         m.write_obj(desc, GuestAddress(root)).unwrap();
         m.write_obj(desc, GuestAddress(root + 8 * 0x100)).unwrap();
-        let nested = translate(&m, Some(&s1), Some(&s2), 0x789, PROBE).unwrap();
+        let nested = walk_tables(&m, Some(&s1), Some(&s2), 0x789, PROBE).unwrap();
         assert_eq!((nested.output_base, nested.size_shift), (root, 12));
     }
 
@@ -2097,9 +2111,9 @@ mod tests {
                 ..s2_fault(FaultKind::WalkEabt, FaultClass::In, ipa)
             })
         );
-        // translate_s2 reports the caller's class, e.g. for a CD fetch.
+        // walk_stage2 reports the caller's class, e.g. for a CD fetch.
         assert_eq!(
-            translate_s2(&m, &s2, ipa, READ, FaultClass::Cd),
+            walk_stage2(&m, &s2, ipa, READ, FaultClass::Cd),
             Err(WalkFault {
                 fetch_addr: ttb + 8 * index,
                 ..s2_fault(FaultKind::WalkEabt, FaultClass::Cd, ipa)
@@ -2151,7 +2165,7 @@ mod tests {
         }
 
         fn translate(&self, iova: u64, access: AccessKind) -> Result<Mapping, WalkFault> {
-            translate(
+            walk_tables(
                 self.s1_tables.mem,
                 Some(&self.s1()),
                 Some(&self.s2()),
@@ -2187,8 +2201,8 @@ mod tests {
                 input_base: 0x1234_5000,
                 output_base: 0x3_0000_1000,
                 size_shift: 12,
-                s1: Some(Perm::stage1(S1_RW, 0)),
-                s2: Some(Perm::stage2(S2_RW, true)),
+                s1: Some(Permissions::stage1(S1_RW, 0)),
+                s2: Some(Permissions::stage2(S2_RW, true)),
                 global: true,
             }
         );
@@ -2254,7 +2268,7 @@ mod tests {
         s1.tt[0].ttb = 0x90_0000_0000;
         let l1_index = (iova >> 30) & 0x1ff;
         assert_eq!(
-            translate(&m, Some(&s1), Some(&n.s2()), iova, READ),
+            walk_tables(&m, Some(&s1), Some(&n.s2()), iova, READ),
             Err(s2_fault(
                 FaultKind::Translation,
                 FaultClass::Tt,
@@ -2322,7 +2336,7 @@ mod tests {
         let mut s1 = n.s1();
         s1.oas_bits = 40;
         assert_eq!(
-            translate(&m, Some(&s1), Some(&n.s2()), iova, READ),
+            walk_tables(&m, Some(&s1), Some(&n.s2()), iova, READ),
             Err(s1_fault(FaultKind::AddrSize))
         );
     }
@@ -2414,7 +2428,7 @@ mod tests {
     fn no_stage_is_a_translation_fault() {
         let m = mem();
         assert_eq!(
-            translate(&m, None, None, 0x1000, READ),
+            walk_tables(&m, None, None, 0x1000, READ),
             Err(s1_fault(FaultKind::Translation))
         );
     }
@@ -2599,8 +2613,8 @@ mod tests {
         ) {
             let m = random_memory(seed);
             let (s1, s2) = (s1.as_ref(), s2.as_ref());
-            let result = translate(&m, s1, s2, iova, access);
-            let probe = translate(&m, s1, s2, iova, PROBE);
+            let result = walk_tables(&m, s1, s2, iova, access);
+            let probe = walk_tables(&m, s1, s2, iova, PROBE);
             match probe {
                 Ok(mapping) => {
                     check_mapping(&mapping, iova, s1, s2)?;
@@ -2631,7 +2645,7 @@ mod tests {
         ) {
             let m = random_memory(seed);
             for class in [FaultClass::Cd, FaultClass::Tt, FaultClass::In] {
-                match translate_s2(&m, &s2, ipa, access, class) {
+                match walk_stage2(&m, &s2, ipa, access, class) {
                     Ok(mapping) => check_mapping(&mapping, ipa, None, Some(&s2))?,
                     Err(fault) => {
                         prop_assert!(fault.stage2);

@@ -133,7 +133,7 @@ pub enum Injection {
 
 /// A physical SMMU instance.
 #[derive(Debug)]
-struct Smmu {
+struct PhysicalSmmu {
     hw: HwInfo,
     /// The next S2 domain's VMID (VMID 0 is reserved).
     next_vmid: u16,
@@ -147,7 +147,7 @@ struct Vmaster {
 }
 
 #[derive(Debug)]
-struct Device {
+struct BoundDevice {
     smmu: u32,
     psid: u32,
     canwbs: bool,
@@ -272,7 +272,7 @@ impl Veventq {
 
 #[derive(Debug)]
 enum Object {
-    Device(Device),
+    Device(BoundDevice),
     Paging(Paging),
     Viommu(Viommu),
     Vdevice(Vdevice),
@@ -291,7 +291,7 @@ struct InvalidateFault {
 /// An in-memory iommufd + VFIO for SMMUv3 nesting that enforces the kernel's rules.
 #[derive(Debug)]
 pub struct HostDouble {
-    smmus: Vec<Smmu>,
+    smmus: Vec<PhysicalSmmu>,
     objects: BTreeMap<ObjectId, Object>,
     executed: Vec<RawCmd>,
     ioctls: u64,
@@ -303,7 +303,7 @@ impl HostDouble {
     /// A host whose first physical SMMU (instance 0) has the ID registers `hw`.
     pub fn new(hw: HwInfo) -> Self {
         Self {
-            smmus: vec![Smmu { hw, next_vmid: 1 }],
+            smmus: vec![PhysicalSmmu { hw, next_vmid: 1 }],
             objects: BTreeMap::new(),
             executed: Vec::new(),
             ioctls: 0,
@@ -316,7 +316,7 @@ impl HostDouble {
     /// its instance ID.
     pub fn add_smmu(&mut self, hw: HwInfo) -> u32 {
         let id = u32::try_from(self.smmus.len()).unwrap_or(u32::MAX);
-        self.smmus.push(Smmu { hw, next_vmid: 1 });
+        self.smmus.push(PhysicalSmmu { hw, next_vmid: 1 });
         id
     }
 
@@ -360,7 +360,7 @@ impl HostDouble {
         }
         self.objects.insert(
             dev_id,
-            Object::Device(Device {
+            Object::Device(BoundDevice {
                 smmu,
                 psid,
                 canwbs: true,
@@ -510,7 +510,7 @@ impl HostDouble {
             return Injection::Dropped;
         }
         let vmaster = match self.objects.get(&dev_id) {
-            Some(Object::Device(Device {
+            Some(Object::Device(BoundDevice {
                 vmaster: Some(vm), ..
             })) => *vm,
             _ => return Injection::Dropped,
@@ -536,7 +536,7 @@ impl HostDouble {
         }
     }
 
-    fn smmu(&self, smmu: u32) -> Option<&Smmu> {
+    fn smmu(&self, smmu: u32) -> Option<&PhysicalSmmu> {
         usize::try_from(smmu).ok().and_then(|i| self.smmus.get(i))
     }
 
@@ -594,7 +594,7 @@ impl HostDouble {
         Ok(())
     }
 
-    fn device(&self, dev_id: u32, op: &'static str) -> Result<&Device, HostError> {
+    fn device(&self, dev_id: u32, op: &'static str) -> Result<&BoundDevice, HostError> {
         match self.objects.get(&dev_id) {
             Some(Object::Device(d)) => Ok(d),
             _ => Err(kernel(op, Errno::NOENT)),

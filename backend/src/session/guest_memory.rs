@@ -1,6 +1,11 @@
 //! Guest RAM as the frontend's memory table describes it: fd-backed regions mapped shared into
 //! this process, as a vm-memory `GuestMemoryMmap`.
 
+use viommu_protocol::{ErrorReply, Status};
+
+use super::ram_guard;
+use super::{Session, SessionError, refuse};
+
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -9,7 +14,7 @@ use rustix::fs::{FileType, SealFlags, fcntl_get_seals, fstat};
 use viommu_protocol::types::MemRegion;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 /// Guest memory of the model.
@@ -206,4 +211,51 @@ pub fn remove(ram: &GuestRam, region: &MemRegion) -> Result<GuestRam, MemoryErro
     ram.remove_region(GuestAddress(region.gpa), region.size)
         .map(|(ram, _)| ram)
         .map_err(|_| not_found())
+}
+
+impl Session {
+    /// Puts new guest RAM in force, watched for a frontend that truncates it.
+    pub(super) fn set_ram(&mut self, ram: GuestRam) -> Result<(), ErrorReply> {
+        let mappings = ram.iter().filter_map(|r| {
+            let start = r.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
+            Some((start, usize::try_from(r.len()).ok()?))
+        });
+        let watch = ram_guard::Watch::new(mappings)
+            .map_err(|e| refuse(Status::HOST_ERROR, crate::error_chain(&e)))?;
+        self.ram = ram;
+        self.ram_watch = watch;
+        Ok(())
+    }
+
+    /// The guest RAM region the frontend shrank under the backend, if any: the session cannot
+    /// go on (what was read there is gone).
+    pub(super) fn lost_ram(&self) -> Option<SessionError> {
+        let (start, len) = self.ram_watch.lost()?;
+        let gpa = self
+            .ram
+            .iter()
+            .find(|r| {
+                r.get_host_address(MemoryRegionAddress(0))
+                    .is_ok_and(|p| p as usize == start)
+            })
+            .map_or(0, |r| r.start_addr().0);
+        Some(SessionError::GuestRamLost {
+            gpa,
+            size: len as u64,
+        })
+    }
+}
+
+pub(super) fn memory_refusal(e: MemoryError) -> ErrorReply {
+    use MemoryError as M;
+    // docs/protocol.md, SET_MEM_TABLE and ADD_MEM_REG: a descriptor of the wrong kind is an
+    // invalid message; a file that cannot back the region is a host error.
+    let status = match &e {
+        M::WrongKind { .. } => Status::INVALID_MESSAGE,
+        M::BadFile { .. } | M::TooLarge { .. } | M::Mmap { .. } => Status::HOST_ERROR,
+        M::Overlap { .. } => Status::INVALID_ARGUMENT,
+        M::NotFound { .. } => Status::NOT_FOUND,
+        M::TooMany { .. } => Status::NO_SPACE,
+    };
+    refuse(status, crate::error_chain(&e))
 }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::host::rules::{self, HostCaps};
 use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
+use viommu_smmuv3::StreamState;
 use viommu_smmuv3::stream::StreamConfig;
-use viommu_smmuv3::{Capabilities, StreamState};
 
 /// The vSTE of the abort nested HWPT: V = 1, Config = abort.
 pub const ABORT_VSTE: VSte = [1, 0];
@@ -78,7 +78,7 @@ struct VEventQ {
 
 /// A passthrough device.
 #[derive(Debug)]
-struct Device {
+struct DeviceObjects {
     host: HostDevice,
     viommu: ObjectId,
     vsid: u32,
@@ -158,16 +158,16 @@ pub struct PassthroughCounters {
 
 /// The passthrough devices of one session, and the host objects made for them.
 #[derive(Debug)]
-pub struct Passthrough {
+pub struct HostObjects {
     host: Box<dyn HostIommu>,
     viommus: Vec<VIommu>,
-    devices: BTreeMap<u32, Device>,
+    devices: BTreeMap<u32, DeviceObjects>,
     /// Devices of an adopted state whose ATTACH_DEVICE has not come yet.
     adopting: BTreeMap<u32, DeviceState>,
     counters: PassthroughCounters,
 }
 
-impl Passthrough {
+impl HostObjects {
     /// Serves passthrough devices through `host`.
     pub fn new(host: Box<dyn HostIommu>) -> Self {
         Self {
@@ -238,7 +238,7 @@ impl Passthrough {
             );
             self.devices.insert(
                 handle,
-                Device {
+                DeviceObjects {
                     host,
                     viommu: saved.viommu,
                     vsid,
@@ -275,7 +275,7 @@ impl Passthrough {
         );
         self.devices.insert(
             handle,
-            Device {
+            DeviceObjects {
                 host,
                 viommu: viommu_id,
                 vsid,
@@ -676,80 +676,7 @@ pub fn target_for(state: &StreamState) -> Target {
     }
 }
 
-/// The vSMMU features for an IDR_AUTO configuration: stage 1 only, with the host's range
-/// invalidation, substream and output address sizes (capped at what the model implements),
-/// and the configuration's StreamID size, queue sizes and MSI (linux-iommufd.md 1.5).
-pub fn auto_features(host: &HwInfo, cfg: &Capabilities) -> Capabilities {
-    let [_, idr1, _, idr3, _, idr5] = host.idr;
-    let host_oas = match idr5 & 7 {
-        0 => 32,
-        1 => 36,
-        2 => 40,
-        3 => 42,
-        4 => 44,
-        _ => 48,
-    };
-    Capabilities {
-        s1p: true,
-        s2p: false,
-        ril: idr3 & (1 << 10) != 0,
-        ats: false,
-        ssid_bits: ((idr1 >> 6) & 0x1f).min(20) as u8,
-        oas_bits: host_oas.min(crate::limits::IMPLEMENTED_MAX_OAS_BITS),
-        ..*cfg
-    }
-}
-
-/// Whether a device on a host SMMU with `host` registers can serve a guest that sees the
-/// vSMMU described by `vsmmu` (QEMU's `smmuv3_accel_check_hw_compatible`, linux-iommufd.md
-/// 1.5): nesting, AArch64 tables, 16-bit ASIDs, every advertised granule, and at least the
-/// advertised range invalidation, ATS, substream and output address sizes.
-pub fn check_fit(host: &HwInfo, vsmmu: &Capabilities) -> Result<(), String> {
-    let [idr0, idr1, _, idr3, _, idr5] = host.idr;
-    let has = |reg: u32, bit: u32| reg & (1 << bit) != 0;
-    let mut missing = Vec::new();
-    if !(has(idr0, 0) && has(idr0, 1)) {
-        missing.push("nesting (IDR0.S1P and S2P)".to_owned());
-    }
-    if (idr0 >> 2) & 3 & 2 == 0 {
-        missing.push("AArch64 tables (IDR0.TTF)".to_owned());
-    }
-    if !has(idr0, 12) {
-        missing.push("16-bit ASIDs (IDR0.ASID16)".to_owned());
-    }
-    for (bit, name) in [(4, "4K"), (5, "16K"), (6, "64K")] {
-        if !has(idr5, bit) {
-            missing.push(format!("the {name} granule (IDR5)"));
-        }
-    }
-    if vsmmu.ril && !has(idr3, 10) {
-        missing.push("range invalidation (IDR3.RIL)".to_owned());
-    }
-    if vsmmu.ats && !has(idr0, 10) {
-        missing.push("ATS (IDR0.ATS)".to_owned());
-    }
-    let host_ssid = (idr1 >> 6) & 0x1f;
-    if u32::from(vsmmu.ssid_bits) > host_ssid {
-        missing.push(format!(
-            "{} substream ID bits (host has {host_ssid})",
-            vsmmu.ssid_bits
-        ));
-    }
-    let host_oas = auto_features(host, vsmmu).oas_bits;
-    if vsmmu.oas_bits > host_oas {
-        missing.push(format!(
-            "a {}-bit output address size (host has {host_oas})",
-            vsmmu.oas_bits
-        ));
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("its host SMMU lacks {}", missing.join(", ")))
-    }
-}
-
-impl Drop for Passthrough {
+impl Drop for HostObjects {
     fn drop(&mut self) {
         self.teardown();
     }
