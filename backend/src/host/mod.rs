@@ -3,13 +3,15 @@
 //! - [`HostIommu`]: the operations, one per iommufd / VFIO ioctl the backend uses;
 //! - [`rules`]: the kernel's validation rules for vSTEs and forwarded commands (Linux 7.3,
 //!   `arm-smmu-v3-iommufd.c`), used to pre-validate and by the double;
-//! - [`double`]: an in-memory double that enforces those rules and the object model, so the
+//! - `double` (cargo feature `double`, for tests and fuzzing; not in the release daemon): an
+//!   in-memory double that enforces those rules and the object model, so the
 //!   test suites cover every path without a kernel;
 //! - [`iommufd`]: the real thing, on an iommufd QEMU handed over.
 //!
 //! Object IDs are the kernel's: one namespace per iommufd file, shared with QEMU, which holds
 //! the same file.
 
+#[cfg(feature = "double")]
 pub mod double;
 pub mod iommufd;
 pub mod rules;
