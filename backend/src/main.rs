@@ -1,24 +1,21 @@
-//! The `viommu-backend` daemon.
+//! The `viommu-backend` daemon's command line; the daemon itself is `viommu_backend::daemon`.
 //!
 //! Command line per QEMU's backend program conventions (docs/interop/vhost-user.rst, "Backend
 //! program conventions"): `--socket-path` or `--fd`, `--print-capabilities`; it never
 //! daemonizes and exits promptly on SIGTERM or SIGINT.
 
-use std::io::ErrorKind;
 use std::os::fd::RawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
-use log::{error, info};
-use viommu_backend::daemon::inherited;
+use log::error;
+use viommu_backend::daemon;
+use viommu_backend::daemon::endpoint::{self, Endpoint};
 use viommu_backend::daemon::sandbox::{self, SandboxMode};
-use viommu_backend::daemon::{self, Shutdown};
 use viommu_backend::limits::{ModelFeature, ModelLimits};
-use viommu_backend::session::OFFERED_FEATURES;
+use viommu_backend::session::{OFFERED_FEATURES, SessionOptions};
 
 /// Out-of-process virtual ARM SMMUv3 for QEMU, speaking the vIOMMU-user protocol.
 ///
@@ -192,20 +189,10 @@ fn limits(args: &Args) -> ModelLimits {
     limits
 }
 
-/// Where the daemon gets its frontends.
-enum Source<'a> {
-    /// `--socket-path`: a socket it bound itself.
-    Path(&'a Path, UnixListener),
-    /// `--listen-fd`: an inherited listening socket.
-    Listener(RawFd, UnixListener),
-    /// `--fd`: one inherited connection.
-    Connection(UnixStream),
-}
-
 fn run(args: &Args) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
-        session: viommu_backend::session::SessionOptions {
+        session: SessionOptions {
             limits: limits(args),
             ..Default::default()
         },
@@ -216,64 +203,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         println!("sandbox self-test: socket(AF_INET) gave {outcome:?}");
         return Ok(());
     }
-    // Where frontends come from; the socket exists before the sandbox is entered.
-    let source = match (&args.socket_path, args.fd, args.listen_fd) {
-        (Some(path), None, None) => Source::Path(path, listen(path)?),
-        (None, Some(fd), None) => Source::Connection(inherited::unix_stream(fd)?),
-        (None, None, Some(fd)) => Source::Listener(fd, inherited::unix_listener(fd)?),
+    let endpoint = match (&args.socket_path, args.fd, args.listen_fd) {
+        (Some(path), None, None) => Endpoint::SocketPath(path.clone()),
+        (None, Some(fd), None) => Endpoint::Connection(fd),
+        (None, None, Some(fd)) => Endpoint::Listener(fd),
         _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
     };
-    let shutdown = Shutdown::install()?;
-    // A frontend that truncates guest RAM under us ends its session, not the daemon; the
-    // handler goes in before the sandbox, which does not allow installing it.
-    viommu_backend::session::ram_guard::install().context("cannot install the SIGBUS handler")?;
-    // The only file the daemon touches after this is its own socket file, removed at exit.
-    let socket_dir = match &source {
-        Source::Path(path, _) => path.parent(),
-        Source::Listener(..) | Source::Connection(_) => None,
-    };
-    sandbox::enter(args.sandbox, socket_dir).context("cannot enter the sandbox")?;
-    match source {
-        Source::Path(path, listener) => {
-            info!("listening on {}", path.display());
-            let result = daemon::serve_listener(&listener, &shutdown, &options);
-            let _ = std::fs::remove_file(path);
-            result?;
-        }
-        Source::Listener(fd, listener) => {
-            info!("accepting frontends on inherited fd {fd}");
-            daemon::serve_listener(&listener, &shutdown, &options)?;
-        }
-        Source::Connection(stream) => {
-            daemon::serve_connection(stream, &shutdown, &options)?;
-        }
-    }
+    endpoint::run(&endpoint, args.sandbox, &options)?;
     Ok(())
-}
-
-/// Binds the listening socket, replacing a stale socket file nobody listens on.
-fn listen(path: &Path) -> anyhow::Result<UnixListener> {
-    match UnixListener::bind(path) {
-        Ok(listener) => Ok(listener),
-        Err(e) if e.kind() == ErrorKind::AddrInUse => {
-            let is_socket =
-                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-            if !is_socket {
-                bail!(
-                    "cannot listen on {}: the path exists and is not a socket",
-                    path.display()
-                );
-            }
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "cannot listen on {}: another process is listening on it",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
-            UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot listen on {}", path.display())),
-    }
 }

@@ -1,5 +1,6 @@
 //! The event loop: serve frontends one after another until SIGTERM or SIGINT.
 
+pub mod endpoint;
 pub mod inherited;
 pub mod sandbox;
 
