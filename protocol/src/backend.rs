@@ -73,6 +73,7 @@ pub enum BackendRequest {
 
 impl Request for BackendRequest {
     type Reply = BackendReply;
+    const TABLE: &'static [(u32, &'static str, ReplyPolicy)] = &TABLE;
 
     fn code(&self) -> u32 {
         match self {
@@ -136,20 +137,6 @@ impl Request for BackendRequest {
             other => return Err(DecodeError::UnknownRequest(other)),
         };
         Ok(req)
-    }
-
-    fn name_of(code: u32) -> &'static str {
-        TABLE
-            .iter()
-            .find(|(c, ..)| *c == code)
-            .map_or("unknown", |(_, name, _)| name)
-    }
-
-    fn reply_policy(code: u32) -> Option<ReplyPolicy> {
-        TABLE
-            .iter()
-            .find(|(c, ..)| *c == code)
-            .map(|(.., policy)| *policy)
     }
 }
 

@@ -180,6 +180,7 @@ fn flag_nofd() -> u32 {
 
 impl Request for FrontendRequest {
     type Reply = FrontendReply;
+    const TABLE: &'static [(u32, &'static str, ReplyPolicy)] = &TABLE;
 
     fn code(&self) -> u32 {
         match self {
@@ -405,20 +406,6 @@ impl Request for FrontendRequest {
             other => return Err(DecodeError::UnknownRequest(other)),
         };
         Ok(req)
-    }
-
-    fn name_of(code: u32) -> &'static str {
-        TABLE
-            .iter()
-            .find(|(c, ..)| *c == code)
-            .map_or("unknown", |(_, name, _)| name)
-    }
-
-    fn reply_policy(code: u32) -> Option<ReplyPolicy> {
-        TABLE
-            .iter()
-            .find(|(c, ..)| *c == code)
-            .map(|(.., policy)| *policy)
     }
 }
 

@@ -60,11 +60,24 @@ pub trait Request: Sized {
     /// Decodes a complete message. Owns `fds`: on error they are closed.
     fn decode(code: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Self, DecodeError>;
 
+    /// The channel's requests: code, name and when each is answered (docs/protocol.md).
+    const TABLE: &'static [(u32, &'static str, ReplyPolicy)];
+
     /// The message's name for a request code, "unknown" for codes outside the channel.
-    fn name_of(code: u32) -> &'static str;
+    fn name_of(code: u32) -> &'static str {
+        Self::TABLE
+            .iter()
+            .find(|(c, ..)| *c == code)
+            .map_or("unknown", |(_, name, _)| name)
+    }
 
     /// When a request code is answered; `None` for codes outside the channel.
-    fn reply_policy(code: u32) -> Option<ReplyPolicy>;
+    fn reply_policy(code: u32) -> Option<ReplyPolicy> {
+        Self::TABLE
+            .iter()
+            .find(|(c, ..)| *c == code)
+            .map(|(.., policy)| *policy)
+    }
 
     /// This message's name.
     fn name(&self) -> &'static str {
