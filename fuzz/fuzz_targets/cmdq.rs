@@ -35,7 +35,7 @@ fn step(w: &mut World, op: &Op) {
             value,
         } => {
             let size = if *wide { 8 } else { 4 };
-            let off = u64::from(*offset) % 0x2_0000 & !u64::from(size - 1);
+            let off = (u64::from(*offset) % 0x2_0000) & !u64::from(size - 1);
             let value = if size == 4 {
                 value & 0xffff_ffff
             } else {
@@ -49,7 +49,7 @@ fn step(w: &mut World, op: &Op) {
         }
         Op::ReadRaw { offset, wide } => {
             let size = if *wide { 8 } else { 4 };
-            let off = u64::from(*offset) % 0x2_0000 & !u64::from(size - 1);
+            let off = (u64::from(*offset) % 0x2_0000) & !u64::from(size - 1);
             let v = w.smmu.mmio_read(off, size);
             if size == 4 {
                 assert!(

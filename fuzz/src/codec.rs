@@ -72,7 +72,7 @@ impl<T: Encode> Encode for Box<T> {
 /// The `u32` that makes a derived enum with `count` variants pick variant `index`.
 pub fn variant_selector(index: u64, count: u64) -> u32 {
     // The smallest x with (x * count) >> 32 == index.
-    let x = ((index << 32) + count - 1) / count;
+    let x = (index << 32).div_ceil(count);
     u32::try_from(x).unwrap_or(u32::MAX)
 }
 

@@ -254,7 +254,7 @@ fn serve(chan: FrontendChannel, state: &Mutex<FrontState>) {
         };
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         st.answered += 1;
-        let fail = st.fail_every != 0 && st.answered % u64::from(st.fail_every) == 0;
+        let fail = st.fail_every != 0 && st.answered.is_multiple_of(u64::from(st.fail_every));
         let reply = if fail {
             Err(ErrorReply::new(
                 Status::INTERNAL,
@@ -517,7 +517,7 @@ impl Harness {
             }
             Msg::MmioReadRaw { offset, wide } => {
                 let size = if *wide { 8 } else { 4 };
-                self.mmio_read(u64::from(*offset) % 0x2_0000 & !u64::from(size - 1), size);
+                self.mmio_read((u64::from(*offset) % 0x2_0000) & !u64::from(size - 1), size);
             }
             Msg::MmioWrite { reg, value } => {
                 let (off, size) = reg.offset();
@@ -529,7 +529,7 @@ impl Harness {
                 value,
             } => {
                 let size = if *wide { 8 } else { 4 };
-                let off = u64::from(*offset) % 0x2_0000 & !u64::from(size - 1);
+                let off = (u64::from(*offset) % 0x2_0000) & !u64::from(size - 1);
                 self.mmio_write(off, size, *value);
             }
             Msg::SetIommufd => {

@@ -268,6 +268,9 @@ pub struct DriveStats {
     pub effects: u64,
 }
 
+/// The contexts of a CD table: (SSID, address of its CD).
+pub type Contexts = Vec<(u32, u64)>;
+
 impl World {
     /// Builds a world in fresh RAM and programs the model; a spec the builders cannot honour
     /// is built in part (what fails is left out), so every input runs.
@@ -423,11 +426,7 @@ impl World {
 
     /// A CD table with contexts for `s1`; returns the table, its contexts and the STE
     /// pointing at it.
-    fn cd_table(
-        &mut self,
-        s1: &S1Sel,
-        asid: &mut u16,
-    ) -> Option<(CdTable, Vec<(u32, u64)>, Entry)> {
+    fn cd_table(&mut self, s1: &S1Sel, asid: &mut u16) -> Option<(CdTable, Contexts, Entry)> {
         let pt = self.s1.as_ref()?;
         let fmt = cd_fmt(&s1.fmt);
         let ssid_bits = self.features.ssid_bits;
