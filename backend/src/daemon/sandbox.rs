@@ -6,6 +6,7 @@
 //! `mmap`/`mprotect` never executable.
 
 use std::collections::BTreeMap;
+use std::ffi::c_ulong;
 use std::path::Path;
 
 use crate::host::uapi;
@@ -48,19 +49,9 @@ pub enum SandboxError {
     SeccompBackend(#[source] seccompiler::BackendError),
 }
 
-/// The iommufd and VFIO requests the backend issues (`host::iommufd`).
-// `c_ulong` is `u64` on the 64-bit targets the seccomp filter supports; the casts say so.
-#[allow(clippy::unnecessary_cast)]
-pub const ALLOWED_IOCTLS: [u64; 8] = [
-    uapi::IOMMU_DESTROY as u64,
-    uapi::IOMMU_HWPT_ALLOC as u64,
-    uapi::IOMMU_GET_HW_INFO as u64,
-    uapi::IOMMU_HWPT_INVALIDATE as u64,
-    uapi::IOMMU_VIOMMU_ALLOC as u64,
-    uapi::IOMMU_VDEVICE_ALLOC as u64,
-    uapi::IOMMU_VEVENTQ_ALLOC as u64,
-    uapi::VFIO_DEVICE_ATTACH_IOMMUFD_PT as u64,
-];
+/// The iommufd and VFIO requests the backend issues (`host::iommufd`), as the uAPI module lists
+/// them.
+pub const ALLOWED_IOCTLS: &[c_ulong] = uapi::DAEMON_REQUESTS;
 
 /// PROT_EXEC, which no mapping of the daemon may have.
 const PROT_EXEC: u64 = 4;
@@ -165,6 +156,10 @@ pub fn filter(mode: SandboxMode) -> Result<BpfProgram, SandboxError> {
     let ioctls = ALLOWED_IOCTLS
         .iter()
         .map(|&request| {
+            // `c_ulong` is `u64` on the 64-bit targets the seccomp filter supports; the cast
+            // says so.
+            #[allow(clippy::unnecessary_cast)]
+            let request = request as u64;
             SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, request)?])
                 .map_err(SandboxError::SeccompBackend)
         })

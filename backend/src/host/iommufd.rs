@@ -1,10 +1,13 @@
 //! [`HostIommu`] on a real iommufd: the file QEMU opened on `/dev/iommu` and handed over, plus
 //! the VFIO cdev of each passthrough device (for VFIO_DEVICE_ATTACH_IOMMUFD_PT).
 //!
-//! The uAPI structs are written out by hand in [`sys`] (Linux 7.3 `include/uapi/linux/iommufd.h`
-//! and `vfio.h`; linux-iommufd.md §1.0-1.8), each with its size asserted at compile time, and all
-//! the unsafe code (the ioctls and adopting the vEVENTQ fd) lives there behind safe wrappers
-//! that set every user pointer themselves. Errors keep the ioctl's name and the kernel's errno.
+//! The uAPI structs are written out by hand in [`super::uapi`] (Linux 7.3
+//! `include/uapi/linux/iommufd.h` and `vfio.h`; linux-iommufd.md §1.0-1.8), each with its size
+//! asserted at compile time, and all the unsafe code (the ioctls and adopting the vEVENTQ fd)
+//! lives in [`sys`] behind safe wrappers that set every user pointer themselves. The requests
+//! [`sys`] issues are exactly [`super::uapi::DAEMON_REQUESTS`], which the daemon's sandbox
+//! allows (a test below checks); [`outside_sandbox`] has the ones the daemon never issues. Errors
+//! keep the ioctl's name and the kernel's errno.
 
 use std::borrow::Cow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -250,8 +253,10 @@ fn parse_vevents(mut buf: &[u8], out: &mut Vec<VEvent>) -> Result<(), String> {
     Ok(())
 }
 
-/// The calls of this module, and every unsafe line of it; the uAPI is in [`super::uapi`].
-mod sys {
+/// The calls of this module, and every unsafe line of it; the uAPI is in [`super::uapi`]. Every
+/// request issued here is in [`super::uapi::DAEMON_REQUESTS`]. [`destroy`](sys::destroy) and
+/// [`attach_pt`](sys::attach_pt) are also the kernel lab's (`tests/src/lab`).
+pub mod sys {
     use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
     pub(super) use crate::host::uapi::*;
@@ -342,7 +347,7 @@ mod sys {
     }
 
     /// VFIO_DEVICE_ATTACH_IOMMUFD_PT on a VFIO cdev (no PASID).
-    pub(super) fn attach_pt(cdev: BorrowedFd<'_>, pt_id: u32) -> Result<(), Errno> {
+    pub fn attach_pt(cdev: BorrowedFd<'_>, pt_id: u32) -> Result<(), Errno> {
         let mut cmd = VfioDeviceAttachIommufdPt {
             argsz: len32::<VfioDeviceAttachIommufdPt>(),
             flags: 0,
@@ -420,7 +425,7 @@ mod sys {
     }
 
     /// IOMMU_DESTROY.
-    pub(super) fn destroy(fd: BorrowedFd<'_>, id: u32) -> Result<(), Errno> {
+    pub fn destroy(fd: BorrowedFd<'_>, id: u32) -> Result<(), Errno> {
         let mut cmd = IommuDestroy {
             size: len32::<IommuDestroy>(),
             id,
@@ -428,10 +433,18 @@ mod sys {
         // SAFETY: `cmd` is an iommu_destroy, which carries no user pointer.
         unsafe { ioctl(fd, IOMMU_DESTROY, &mut cmd) }
     }
+}
 
-    /// IOMMU_IOAS_ALLOC (tests only: something to destroy on a real kernel).
-    #[cfg(test)]
-    pub(super) fn ioas_alloc(fd: BorrowedFd<'_>) -> Result<u32, Errno> {
+/// Calls the daemon never makes, so its sandbox does not allow them: for the kernel lab
+/// (`tests/src/lab`) and the smoke test on `/dev/iommu`.
+pub mod outside_sandbox {
+    use std::os::fd::BorrowedFd;
+
+    use super::Errno;
+    use crate::host::uapi::{IOMMU_IOAS_ALLOC, IommuIoasAlloc, ioctl, len32};
+
+    /// IOMMU_IOAS_ALLOC.
+    pub fn ioas_alloc(fd: BorrowedFd<'_>) -> Result<u32, Errno> {
         let mut cmd = IommuIoasAlloc {
             size: len32::<IommuIoasAlloc>(),
             ..IommuIoasAlloc::default()
@@ -444,7 +457,7 @@ mod sys {
 
 #[cfg(test)]
 mod tests {
-    use super::sys::*;
+    use super::outside_sandbox::ioas_alloc;
     use super::*;
 
     fn memfd() -> OwnedFd {
@@ -557,6 +570,61 @@ mod tests {
             matches!(&err, HostError::Malformed { op: OP_READ_VEVENTQ, what } if what.contains("vEVENTQ 5")),
             "{err:?}"
         );
+    }
+
+    /// The second argument of every `ioctl(` call in `src`: the request constant's name.
+    fn ioctl_requests(src: &str) -> Vec<&str> {
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let mut pieces = src.split("ioctl(");
+        let mut before = pieces.next().unwrap_or_default();
+        let mut requests = Vec::new();
+        for args in pieces {
+            // Not the tail of a longer name.
+            if !before.ends_with(ident) {
+                let request = args.split(',').nth(1).expect("a second argument").trim();
+                let request = request.strip_prefix("uapi::").unwrap_or(request);
+                let end = request.find(|c| !ident(c)).unwrap_or(request.len());
+                requests.push(&request[..end]);
+            }
+            before = args;
+        }
+        requests
+    }
+
+    /// The daemon's sandbox allows exactly `uapi::DAEMON_REQUESTS`: every request [`sys`]
+    /// issues must be in it (or the daemon dies of SIGSYS), and everything in it must be issued
+    /// (or the sandbox allows more than it needs). The rest of this file issues none.
+    #[test]
+    fn daemon_requests_are_exactly_the_ioctls_of_sys() {
+        let src = include_str!("iommufd.rs");
+        let (code, _tests) = src
+            .split_once("\n#[cfg(test)]\nmod tests {")
+            .expect("the tests module");
+        let (before_sys, sys_and_rest) = code.split_once("\npub mod sys {").expect("mod sys");
+        let (sys, outside) = sys_and_rest
+            .split_once("\npub mod outside_sandbox {")
+            .expect("mod outside_sandbox");
+        assert_eq!(ioctl_requests(before_sys), Vec::<&str>::new());
+        assert!(
+            !before_sys.contains("outside_sandbox::"),
+            "Iommufd calls outside_sandbox, which the sandbox refuses"
+        );
+
+        let issued: std::collections::BTreeSet<&str> = ioctl_requests(sys).into_iter().collect();
+        let allowed: std::collections::BTreeSet<&str> = crate::host::uapi::DAEMON_REQUEST_NAMES
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(issued, allowed);
+        assert_eq!(
+            crate::host::uapi::DAEMON_REQUESTS.len(),
+            allowed.len(),
+            "a request listed twice"
+        );
+        // The parser sees the calls of `outside_sandbox` too, which are not the daemon's.
+        let extra = ioctl_requests(outside);
+        assert_eq!(extra, ["IOMMU_IOAS_ALLOC"]);
+        assert!(extra.iter().all(|name| !allowed.contains(name)));
     }
 
     fn assert_enotty<T: std::fmt::Debug>(op: &'static str, result: Result<T, HostError>) {

@@ -5,6 +5,8 @@
 //! kernel refusal (-EIO) cannot happen for a reason the backend could have seen; the double
 //! enforces them exactly as the kernel does.
 
+use viommu_smmuv3::spec::ste::Ste0;
+
 use super::{HwInfo, RawCmd, VSte};
 
 /// STE word 0 bits the kernel accepts in a vSTE (`STRTAB_STE_0_NESTING_ALLOWED`): V \[0\],
@@ -15,14 +17,18 @@ pub const NESTING_ALLOWED_0: u64 = 0xf800_0000_0000_0000 | 0x000f_ffff_ffff_ffc0
 /// S1CIR \[3:2\], S1COR \[5:4\], S1CSH \[7:6\], S1STALLD \[27\], EATS \[29:28\].
 pub const NESTING_ALLOWED_1: u64 = 0xff | (1 << 27) | (3 << 28);
 
-/// STE.Config values the kernel accepts in a vSTE.
+/// STE.Config values the kernel accepts in a vSTE (the values are the spec's [`SteConfig`]).
+///
+/// [`SteConfig`]: viommu_smmuv3::spec::ste::SteConfig
 pub mod ste_cfg {
-    /// 0b000: abort.
-    pub const ABORT: u64 = 0;
-    /// 0b100: bypass.
-    pub const BYPASS: u64 = 4;
-    /// 0b101: stage 1 translate (the host adds its stage 2).
-    pub const S1_TRANS: u64 = 5;
+    use viommu_smmuv3::spec::ste::SteConfig;
+
+    /// Abort.
+    pub const ABORT: u64 = SteConfig::ABORT.0 as u64;
+    /// Bypass.
+    pub const BYPASS: u64 = SteConfig::BYPASS.0 as u64;
+    /// Stage 1 translate (the host adds its stage 2).
+    pub const S1_TRANS: u64 = SteConfig::S1_TRANS.0 as u64;
 }
 
 /// What the host SMMU supports, as far as command validation cares (from IOMMU_GET_HW_INFO).
@@ -77,7 +83,8 @@ pub enum VSteError {
 /// (as all zeros: the device aborts).
 pub fn validate_vste(ste: VSte) -> Result<VSte, VSteError> {
     let [word0, word1] = ste;
-    if word0 & 1 == 0 {
+    let q0 = Ste0::from_bits(word0);
+    if !q0.v() {
         return Ok([0, 0]);
     }
     let (bad0, bad1) = (word0 & !NESTING_ALLOWED_0, word1 & !NESTING_ALLOWED_1);
@@ -87,7 +94,7 @@ pub fn validate_vste(ste: VSte) -> Result<VSte, VSteError> {
             word1: bad1,
         });
     }
-    let cfg = (word0 >> 1) & 7;
+    let cfg = u64::from(q0.config());
     if !matches!(cfg, ste_cfg::ABORT | ste_cfg::BYPASS | ste_cfg::S1_TRANS) {
         return Err(VSteError::Config(cfg));
     }
@@ -105,24 +112,28 @@ pub fn mask_vste(ste: VSte) -> VSte {
     [ste[0] & NESTING_ALLOWED_0, ste[1] & NESTING_ALLOWED_1]
 }
 
-/// Command opcodes the kernel forwards.
+/// Command opcodes the kernel forwards (the values are the spec's [`Opcode`]).
+///
+/// [`Opcode`]: viommu_smmuv3::spec::cmd::Opcode
 pub mod op {
+    use viommu_smmuv3::spec::cmd::Opcode;
+
     /// CFGI_CD.
-    pub const CFGI_CD: u8 = 0x05;
+    pub const CFGI_CD: u8 = Opcode::CFGI_CD.0;
     /// CFGI_CD_ALL.
-    pub const CFGI_CD_ALL: u8 = 0x06;
+    pub const CFGI_CD_ALL: u8 = Opcode::CFGI_CD_ALL.0;
     /// TLBI_NH_ALL.
-    pub const TLBI_NH_ALL: u8 = 0x10;
+    pub const TLBI_NH_ALL: u8 = Opcode::TLBI_NH_ALL.0;
     /// TLBI_NH_ASID.
-    pub const TLBI_NH_ASID: u8 = 0x11;
+    pub const TLBI_NH_ASID: u8 = Opcode::TLBI_NH_ASID.0;
     /// TLBI_NH_VA.
-    pub const TLBI_NH_VA: u8 = 0x12;
+    pub const TLBI_NH_VA: u8 = Opcode::TLBI_NH_VA.0;
     /// TLBI_NH_VAA.
-    pub const TLBI_NH_VAA: u8 = 0x13;
+    pub const TLBI_NH_VAA: u8 = Opcode::TLBI_NH_VAA.0;
     /// TLBI_NSNH_ALL.
-    pub const TLBI_NSNH_ALL: u8 = 0x30;
+    pub const TLBI_NSNH_ALL: u8 = Opcode::TLBI_NSNH_ALL.0;
     /// ATC_INV.
-    pub const ATC_INV: u8 = 0x40;
+    pub const ATC_INV: u8 = Opcode::ATC_INV.0;
 }
 
 /// Why the kernel refuses a forwarded command (IOMMU_HWPT_INVALIDATE fails with -EIO).

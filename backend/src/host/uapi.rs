@@ -52,6 +52,31 @@ pub const VFIO_PCI_BAR0_REGION_INDEX: u32 = 0;
 pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
 pub const IOMMU_IOAS_ALLOC: c_ulong = io(0x81);
 
+/// Declares [`DAEMON_REQUESTS`] from the names of its constants, and keeps the names for the test
+/// that checks the list against the ioctls `host::iommufd` issues.
+macro_rules! daemon_requests {
+    ($($name:ident),+ $(,)?) => {
+        /// The requests the daemon issues: every ioctl of `host::iommufd`'s `sys` module (a test
+        /// there checks both ways), and so the only ones the daemon's seccomp filter allows
+        /// (`daemon::sandbox`).
+        pub const DAEMON_REQUESTS: &[c_ulong] = &[$($name),+];
+        /// The names of [`DAEMON_REQUESTS`], in its order.
+        #[cfg(test)]
+        pub(crate) const DAEMON_REQUEST_NAMES: &[&str] = &[$(stringify!($name)),+];
+    };
+}
+
+daemon_requests!(
+    IOMMU_DESTROY,
+    IOMMU_HWPT_ALLOC,
+    IOMMU_GET_HW_INFO,
+    IOMMU_HWPT_INVALIDATE,
+    IOMMU_VIOMMU_ALLOC,
+    IOMMU_VDEVICE_ALLOC,
+    IOMMU_VEVENTQ_ALLOC,
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+);
+
 pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
 pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
 pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;

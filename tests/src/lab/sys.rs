@@ -2,9 +2,11 @@
 //! [`crate::lab`].
 //!
 //! The uAPI (Linux 7.3 `include/uapi/linux/iommufd.h` and `vfio.h`) and its `ioctl` wrapper are
-//! the daemon's, `viommu_backend::host::uapi`. The wrappers here set every field themselves; none
-//! of the structs they pass carries a user pointer, so each call's memory contract is just "`arg`
-//! is the right struct".
+//! the daemon's, `viommu_backend::host::uapi`, and so are the wrappers of the calls the daemon
+//! has too (IOMMU_DESTROY, VFIO_DEVICE_ATTACH_IOMMUFD_PT and IOMMU_IOAS_ALLOC, in
+//! `viommu_backend::host::iommufd`). The wrappers here, of the calls only the lab makes, set
+//! every field themselves; none of the structs they pass carries a user pointer, so each call's
+//! memory contract is just "`arg` is the right struct".
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -12,28 +14,9 @@ use std::ptr::NonNull;
 use rustix::io::Errno;
 use rustix::mm::{MapFlags, ProtFlags};
 
+pub(super) use viommu_backend::host::iommufd::outside_sandbox::ioas_alloc;
+pub(super) use viommu_backend::host::iommufd::sys::{attach_pt, destroy};
 pub(super) use viommu_backend::host::uapi::*;
-
-/// IOMMU_DESTROY.
-pub(super) fn destroy(fd: BorrowedFd<'_>, id: u32) -> Result<(), Errno> {
-    let mut cmd = IommuDestroy {
-        size: len32::<IommuDestroy>(),
-        id,
-    };
-    // SAFETY: `cmd` is an iommu_destroy, which carries no user pointer.
-    unsafe { ioctl(fd, IOMMU_DESTROY, &mut cmd) }
-}
-
-/// IOMMU_IOAS_ALLOC.
-pub(super) fn ioas_alloc(fd: BorrowedFd<'_>) -> Result<u32, Errno> {
-    let mut cmd = IommuIoasAlloc {
-        size: len32::<IommuIoasAlloc>(),
-        ..IommuIoasAlloc::default()
-    };
-    // SAFETY: `cmd` is an iommu_ioas_alloc, which carries no user pointer.
-    unsafe { ioctl(fd, IOMMU_IOAS_ALLOC, &mut cmd) }?;
-    Ok(cmd.out_ioas_id)
-}
 
 /// IOMMU_IOAS_MAP_FILE of `file` bytes `start..start + length` at `iova`, readable and writeable,
 /// at exactly that IOVA.
@@ -107,17 +90,6 @@ pub(super) fn bind_iommufd(cdev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> Res
     // token_uuid_ptr, which is 0, is not read); `iommufd` is borrowed, so open, for the call.
     unsafe { ioctl(cdev, VFIO_DEVICE_BIND_IOMMUFD, &mut cmd) }?;
     Ok(cmd.out_devid)
-}
-
-/// VFIO_DEVICE_ATTACH_IOMMUFD_PT (no PASID).
-pub(super) fn attach_pt(cdev: BorrowedFd<'_>, pt_id: u32) -> Result<(), Errno> {
-    let mut cmd = VfioDeviceAttachIommufdPt {
-        argsz: len32::<VfioDeviceAttachIommufdPt>(),
-        pt_id,
-        ..VfioDeviceAttachIommufdPt::default()
-    };
-    // SAFETY: `cmd` is a vfio_device_attach_iommufd_pt, which carries no user pointer.
-    unsafe { ioctl(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut cmd) }
 }
 
 /// VFIO_DEVICE_DETACH_IOMMUFD_PT (no PASID).

@@ -27,9 +27,9 @@ pub enum SteConfig {
 pub enum S1Fmt {
     /// 0b00: linear table of 2^S1CDMax CDs.
     LINEAR = 0,
-    /// 0b01: 2-level, level-2 tables of 64 CDs (4 KiB): SSID[5:0] indexes level 2.
+    /// 0b01: 2-level, level-2 tables of 64 CDs (4 KiB): SSID\[5:0\] indexes level 2.
     L2_4K = 1,
-    /// 0b10: 2-level, level-2 tables of 1024 CDs (64 KiB): SSID[9:0] indexes level 2.
+    /// 0b10: 2-level, level-2 tables of 1024 CDs (64 KiB): SSID\[9:0\] indexes level 2.
     L2_64K = 2,
 }
 
