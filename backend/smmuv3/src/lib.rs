@@ -4,7 +4,7 @@
 //! between them and the wire protocol at its edge.
 //!
 //! - [`spec`]: the architecture's registers and structures;
-//! - [`registers`]: register semantics; [`queue`]: queue index arithmetic;
+//! - [`register_file`]: register semantics (the layouts are [`spec::regs`]); [`queue`]: queue index arithmetic;
 //! - [`stream`]: STE and CD lookup and decoding; [`walk`]: page-table walks;
 //! - [`tlb`]: the IOTLB and configuration caches;
 //! - `cmdq`, `evtq`, `translate`: the command queue, event queue and translation engines,
@@ -16,7 +16,7 @@ pub mod capabilities;
 mod cmdq;
 mod evtq;
 pub mod queue;
-pub mod registers;
+pub mod register_file;
 pub mod snapshot;
 pub mod spec;
 pub mod stream;
@@ -29,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 pub use capabilities::{Capabilities, IdRegisters};
 pub use translate::{Translation, TranslationFault};
 
-use registers::{RegisterAction, Registers};
+use register_file::{RegisterAction, Registers};
 use spec::cmd::RawCommand;
 use spec::event::EventId;
 use tlb::{ConfigCache, Iotlb};
@@ -356,7 +356,7 @@ impl Smmu {
 
     /// Signals an interrupt: an MSI when MSIs are implemented and configured, else the wired
     /// line.
-    fn signal<M: GuestMemory>(&mut self, mem: &M, line: IrqLine, cfg: registers::IrqCfg) {
+    fn signal<M: GuestMemory>(&mut self, mem: &M, line: IrqLine, cfg: register_file::IrqCfg) {
         match cfg
             .msi_address()
             .and_then(|address| self.msi_target(address))

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::registers::{IrqCfg, QueueRegs, Registers};
+use super::register_file::{IrqCfg, QueueRegs, Registers};
 use super::spec::regs::{
     Cr0, Cr1, Cr2, Gbpa, Gerror, IrqCfg0, IrqCfg2, IrqCtrl, QueueBase, StrtabBase, StrtabBaseCfg,
     queue_reg,

@@ -6,7 +6,7 @@ use vm_memory::GuestAddress;
 
 use super::GuestMemory;
 use super::capabilities::Capabilities;
-use super::registers::Registers;
+use super::register_file::Registers;
 use super::spec::cd::{Cd, L1Cd};
 use super::spec::event::EventId;
 use super::spec::regs::address_size_bits;

@@ -93,7 +93,10 @@ impl Session {
         let mut out = Vec::new();
         self.evaluate(&[handle], &mut out);
         self.send_backend(out)?;
-        self.run_effects()
+        // Outside a CMD_SYNC there is no sync for a failed host invalidation to fail; it was
+        // logged.
+        self.run_effects()?;
+        Ok(())
     }
 
     /// Undoes an attach that failed half way: the device and anything made for it go.

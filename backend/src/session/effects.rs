@@ -21,8 +21,7 @@ impl Session {
         loop {
             // Effects before a CMD_SYNC are carried out (and acknowledged on the backend
             // channel) before the sync completes.
-            self.run_effects()?;
-            let failed = std::mem::take(&mut self.host_invalidate_failed);
+            let outcome = self.run_effects()?;
             let Some(smmu) = self
                 .smmu
                 .as_mut()
@@ -33,14 +32,7 @@ impl Session {
                 }
                 return Ok(());
             };
-            status = smmu.serve_barrier(
-                &self.ram,
-                if failed {
-                    BarrierOutcome::HostInvalidationFailed
-                } else {
-                    BarrierOutcome::Served
-                },
-            );
+            status = smmu.serve_barrier(&self.ram, outcome);
         }
     }
 
@@ -93,12 +85,14 @@ impl Session {
 
     /// Carries out the model's effects: interrupt eventfds, and the backend-channel messages
     /// the frontend must have processed before the guest can observe completion (the last one
-    /// is sent with NEED_REPLY and waited for).
-    pub(super) fn run_effects(&mut self) -> Result<(), ErrorReply> {
+    /// is sent with NEED_REPLY and waited for). Returns how the CMD_SYNC barrier these effects
+    /// precede, if any, was served: whether every host invalidation went through.
+    pub(super) fn run_effects(&mut self) -> Result<BarrierOutcome, ErrorReply> {
         let effects: Vec<Effect> = match self.smmu.as_mut() {
             Some(smmu) if smmu.has_effects() => smmu.take_effects(),
-            _ => return Ok(()),
+            _ => return Ok(BarrierOutcome::Served),
         };
+        let mut outcome = BarrierOutcome::Served;
         let mut outgoing = Vec::new();
         let mut stale = Vec::new();
         let mut host_cmds: Vec<RawCmd> = Vec::new();
@@ -128,7 +122,7 @@ impl Session {
             && let Err(e) = p.invalidate(&host_cmds)
         {
             warn!("host invalidation failed: {e}");
-            self.host_invalidate_failed = true;
+            outcome = BarrierOutcome::HostInvalidationFailed;
         }
         // One message per run of adjacent ranges, and none for what the frontend cannot
         // have cached.
@@ -142,7 +136,8 @@ impl Session {
                 }));
             }
         }
-        self.send_backend(outgoing)
+        self.send_backend(outgoing)?;
+        Ok(outcome)
     }
 
     /// Sends backend-channel requests in order: all posted but the last, which is

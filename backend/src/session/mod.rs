@@ -174,8 +174,6 @@ pub struct Session {
     passthrough: Option<HostObjects>,
     /// SET_CONFIG asked for IDR_AUTO and no device has fixed the registers yet.
     idr_auto_pending: bool,
-    /// A host invalidation failed since the last CMD_SYNC barrier.
-    host_invalidate_failed: bool,
     /// Why the backend channel is unusable, once it is: the session ends.
     channel_broken: Option<String>,
     /// Guest RAM's mappings, watched for a frontend that truncates them.
@@ -238,7 +236,6 @@ impl Session {
             options,
             passthrough: None,
             idr_auto_pending: false,
-            host_invalidate_failed: false,
             channel_broken: None,
             ram_watch: ram_guard::Watch::default(),
             cancel: None,

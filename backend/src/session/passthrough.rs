@@ -141,7 +141,7 @@ impl Session {
         if let Some(lost) = self.lost_ram() {
             return Err(lost);
         }
-        result.map_err(|e| SessionError::PostedFailure {
+        result.map(drop).map_err(|e| SessionError::PostedFailure {
             request: "vEVENTQ",
             status: e.status,
             message: e.message,

@@ -139,6 +139,7 @@ impl Session {
                 .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
         }
         info!("state restored");
-        self.run_effects()
+        self.run_effects()?;
+        Ok(())
     }
 }
