@@ -1,7 +1,8 @@
 //! The command queue and the registers around it: register writes (CR0/1/2, STRTAB_BASE(_CFG),
 //! the queues' BASE/PROD/CONS, GBPA, IRQ_CTRL, GERRORN, the MSI configurations), commands and
 //! other guest memory contents, translations that fault into the event queue, resets. Every
-//! write is followed by the session's `run_cmdq` / `take_effects` loop.
+//! write is served the way the session serves it, each CMD_SYNC barrier answered with
+//! `serve_barrier`.
 //!
 //! Invariants: no panic; the loop settles and its effects stay proportionate to the commands
 //! and events; an idle queue is disabled, stopped or empty; update handshakes complete;
