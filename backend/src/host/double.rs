@@ -27,6 +27,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::pipe::PipeFlags;
+use viommu_smmuv3::spec::cmd::RawCommand;
+use viommu_smmuv3::spec::event::Event;
+use viommu_smmuv3::spec::regs::{Idr0, Idr3};
 
 use super::rules::{self, HostCaps, op, ste_cfg};
 use super::{
@@ -88,14 +91,10 @@ const SETUP: &str = "double setup";
 const MAX_OBJECT_ID: ObjectId = 0x7fff_ffff;
 /// Sequence numbers wrap at INT_MAX.
 const SEQUENCE_MASK: u32 = 0x7fff_ffff;
-const CMD_OPCODE: u64 = 0xff;
-const CMD_VMID: u64 = 0xffff << 32;
-const LOW_32: u64 = 0xffff_ffff;
+/// Event record StreamID, d0\[63:32\] (the kernel's EVTQ_0_SID).
+const EVTQ_0_SID: u64 = 0xffff_ffff << 32;
 const EVTQ_1_STALL: u64 = 1 << 31;
 const EVTQ_1_S2: u64 = 1 << 39;
-const IDR0_S2P: u32 = 1;
-const IDR0_S1P: u32 = 1 << 1;
-const IDR3_FWB: u32 = 1 << 8;
 
 fn kernel(op: &'static str, errno: Errno) -> HostError {
     HostError::Kernel { op, errno }
@@ -104,13 +103,14 @@ fn kernel(op: &'static str, errno: Errno) -> HostError {
 /// FEAT_NESTING: IDR0.S1P && IDR0.S2P.
 fn has_nesting(hw: &HwInfo) -> bool {
     let [idr0, ..] = hw.idr;
-    idr0 & (IDR0_S1P | IDR0_S2P) == IDR0_S1P | IDR0_S2P
+    let idr0 = Idr0::from_bits(idr0);
+    idr0.s1p() && idr0.s2p()
 }
 
 /// FEAT_S2FWB: IDR3.FWB.
 fn has_s2fwb(hw: &HwInfo) -> bool {
     let [_, _, _, idr3, _, _] = hw.idr;
-    idr3 & IDR3_FWB != 0
+    Idr3::from_bits(idr3).fwb()
 }
 
 /// What [`HostDouble::inject_event`] did with an event.
@@ -505,7 +505,7 @@ impl HostDouble {
     /// vEVENTQ, with the StreamID field rewritten to the vSID.
     pub fn inject_event(&mut self, dev_id: u32, record: [u64; 4]) -> Injection {
         let [d0, d1, d2, d3] = record;
-        let id = (d0 & 0xff) as u8;
+        let id = Event { words: record }.id().0;
         if !FORWARDED_EVENTS.contains(&id) || d1 & (EVTQ_1_STALL | EVTQ_1_S2) != 0 {
             return Injection::Dropped;
         }
@@ -522,7 +522,7 @@ impl HostDouble {
         let Some(queue) = queue else {
             return Injection::Dropped;
         };
-        let d0 = (d0 & LOW_32) | ((vmaster.vsid & LOW_32) << 32);
+        let d0 = (d0 & !EVTQ_0_SID) | ((vmaster.vsid << 32) & EVTQ_0_SID);
         let injection = queue.queue.report([d0, d1, d2, d3]);
         queue.signal();
         injection
@@ -653,19 +653,23 @@ impl HostDouble {
 /// `arm_vsmmu_convert_user_cmd` on a validated command; `None` for an unknown vSID.
 fn convert_cmd(cmd: &RawCmd, vmid: u16, vsids: &BTreeMap<u64, u32>) -> Option<RawCmd> {
     let [d0, d1] = *cmd;
-    let vmid = u64::from(vmid) << 32;
-    let converted = match (d0 & CMD_OPCODE) as u8 {
-        op::TLBI_NSNH_ALL => [u64::from(op::TLBI_NH_ALL) | vmid, 0],
+    let command = RawCommand { d0, d1 };
+    let converted = match command.opcode().0 {
+        op::TLBI_NSNH_ALL => RawCommand {
+            d0: u64::from(op::TLBI_NH_ALL),
+            d1: 0,
+        }
+        .with_vmid(vmid),
         op::TLBI_NH_ALL | op::TLBI_NH_ASID | op::TLBI_NH_VA | op::TLBI_NH_VAA => {
-            [(d0 & !CMD_VMID) | vmid, d1]
+            command.with_vmid(vmid)
         }
         op::ATC_INV | op::CFGI_CD | op::CFGI_CD_ALL => {
-            let psid = vsids.get(&(d0 >> 32))?;
-            [(d0 & LOW_32) | (u64::from(*psid) << 32), d1]
+            let psid = vsids.get(&u64::from(command.sid()))?;
+            command.with_sid(*psid)
         }
         _ => return None,
     };
-    Some(converted)
+    Some([converted.d0, converted.d1])
 }
 
 impl HostIommu for HostDouble {
@@ -944,6 +948,9 @@ mod tests {
     const VSID: u64 = 0x8;
     const VSID2: u64 = 0x10;
 
+    const IDR0_S1P: u32 = Idr0::new().with_s1p(true).into_bits();
+    const IDR3_FWB: u32 = Idr3::new().with_fwb(true).into_bits();
+
     const ABORT: VSte = [1, 0];
     const BYPASS: VSte = [1 | 4 << 1, 0];
     const TRANSLATE: VSte = [1 | 5 << 1 | 0x4_0000_0000, 0];
@@ -1040,6 +1047,61 @@ mod tests {
         assert!(h.alloc_viommu(10, other_s2).is_ok());
         assert!(h.alloc_viommu(DEV, S2).is_ok());
         assert_eq!(h.live_objects(), 2);
+    }
+
+    /// The ID-register bits and the command and event rewrites, now taken from the spec, are
+    /// what the double spelled out before: the old masks and rewrite, copied verbatim.
+    #[test]
+    fn spec_fields_equal_the_old_literals() {
+        const CMD_OPCODE: u64 = 0xff;
+        const CMD_VMID: u64 = 0xffff << 32;
+        const LOW_32: u64 = 0xffff_ffff;
+        assert_eq!(IDR0_S1P, 1 << 1);
+        assert_eq!(IDR3_FWB, 1 << 8);
+        assert_eq!(!EVTQ_0_SID, LOW_32);
+
+        fn old_convert(cmd: &RawCmd, vmid: u16, vsids: &BTreeMap<u64, u32>) -> Option<RawCmd> {
+            let [d0, d1] = *cmd;
+            let vmid = u64::from(vmid) << 32;
+            let converted = match (d0 & CMD_OPCODE) as u8 {
+                op::TLBI_NSNH_ALL => [u64::from(op::TLBI_NH_ALL) | vmid, 0],
+                op::TLBI_NH_ALL | op::TLBI_NH_ASID | op::TLBI_NH_VA | op::TLBI_NH_VAA => {
+                    [(d0 & !CMD_VMID) | vmid, d1]
+                }
+                op::ATC_INV | op::CFGI_CD | op::CFGI_CD_ALL => {
+                    let psid = vsids.get(&(d0 >> 32))?;
+                    [(d0 & LOW_32) | (u64::from(*psid) << 32), d1]
+                }
+                _ => return None,
+            };
+            Some(converted)
+        }
+        let vsids = BTreeMap::from([(VSID, PSID), (0xffff_ffff, PSID2)]);
+        let high = [
+            0,
+            VSID << 32,
+            0xffff_ffff << 32,
+            0xa5a5_5a5a << 32,
+            0x1234 << 48,
+        ];
+        let low = [0, 0xffff_ff00, 0x0123_4500, 0x0000_1800];
+        for opcode in 0..=0xffu64 {
+            for d0 in high
+                .iter()
+                .flat_map(|h| low.iter().map(move |l| h | l | opcode))
+            {
+                for d1 in [0, u64::MAX, 0x1234_5000 | (1 << 10) | (3 << 8) | 1] {
+                    for vmid in [0, 5, 0xffff] {
+                        let cmd = [d0, d1];
+                        assert_eq!(
+                            convert_cmd(&cmd, vmid, &vsids),
+                            old_convert(&cmd, vmid, &vsids),
+                            "{cmd:x?} vmid {vmid}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1365,7 +1427,7 @@ mod tests {
             first,
             VEvent::Event {
                 sequence: 0,
-                record: [(d0 & LOW_32) | VSID << 32, d1, d2, 0]
+                record: [(d0 & !EVTQ_0_SID) | VSID << 32, d1, d2, 0]
             }
         );
         assert_eq!(h.read_vevents(q, fd.as_fd(), &mut out), Ok(0));

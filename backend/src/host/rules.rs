@@ -5,17 +5,29 @@
 //! kernel refusal (-EIO) cannot happen for a reason the backend could have seen; the double
 //! enforces them exactly as the kernel does.
 
-use viommu_smmuv3::spec::ste::Ste0;
+use viommu_smmuv3::spec::cmd::{RawCommand, mask};
+use viommu_smmuv3::spec::regs::{Idr0, Idr1, Idr3, Idr5};
+use viommu_smmuv3::spec::ste::{Ste0, Ste1};
 
 use super::{HwInfo, RawCmd, VSte};
 
-/// STE word 0 bits the kernel accepts in a vSTE (`STRTAB_STE_0_NESTING_ALLOWED`): V \[0\],
-/// Config \[3:1\], S1Fmt \[5:4\], S1ContextPtr \[51:6\], S1CDMax \[63:59\].
-pub const NESTING_ALLOWED_0: u64 = 0xf800_0000_0000_0000 | 0x000f_ffff_ffff_ffc0 | 0x3f;
+/// STE word 0 bits the kernel accepts in a vSTE: the fields the kernel's
+/// `STRTAB_STE_0_NESTING_ALLOWED` (arm-smmu-v3.h) lists, V \[0\], Config \[3:1\], S1Fmt \[5:4\],
+/// S1ContextPtr \[51:6\] and S1CDMax \[63:59\]; bits \[58:52\] are refused.
+pub const NESTING_ALLOWED_0: u64 = Ste0::V_MASK
+    | Ste0::CONFIG_MASK
+    | Ste0::S1FMT_MASK
+    | Ste0::S1CONTEXTPTR_MASK
+    | Ste0::S1CDMAX_MASK;
 
-/// STE word 1 bits the kernel accepts (`STRTAB_STE_1_NESTING_ALLOWED`): S1DSS \[1:0\],
-/// S1CIR \[3:2\], S1COR \[5:4\], S1CSH \[7:6\], S1STALLD \[27\], EATS \[29:28\].
-pub const NESTING_ALLOWED_1: u64 = 0xff | (1 << 27) | (3 << 28);
+/// STE word 1 bits the kernel accepts: the fields of `STRTAB_STE_1_NESTING_ALLOWED`, S1DSS
+/// \[1:0\], S1CIR \[3:2\], S1COR \[5:4\], S1CSH \[7:6\], S1STALLD \[27\] and EATS \[29:28\].
+pub const NESTING_ALLOWED_1: u64 = Ste1::S1DSS_MASK
+    | Ste1::S1CIR_MASK
+    | Ste1::S1COR_MASK
+    | Ste1::S1CSH_MASK
+    | Ste1::S1STALLD_MASK
+    | Ste1::EATS_MASK;
 
 /// STE.Config values the kernel accepts in a vSTE (the values are the spec's [`SteConfig`]).
 ///
@@ -50,12 +62,13 @@ impl HostCaps {
     /// The capabilities an SMMU's ID registers describe.
     pub fn from_hw_info(info: &HwInfo) -> Self {
         let [idr0, idr1, _, idr3, _, idr5] = info.idr;
+        let idr0 = Idr0::from_bits(idr0);
         Self {
-            asid_bits: if idr0 & (1 << 12) != 0 { 16 } else { 8 },
-            ril: idr3 & (1 << 10) != 0,
-            ds: idr5 & (1 << 7) != 0,
-            ats: idr0 & (1 << 10) != 0,
-            ssid_bits: (idr1 >> 6) & 0x1f,
+            asid_bits: if idr0.asid16() { 16 } else { 8 },
+            ril: Idr3::from_bits(idr3).ril(),
+            ds: Idr5::from_bits(idr5).ds(),
+            ats: idr0.ats(),
+            ssid_bits: u32::from(Idr1::from_bits(idr1).ssidsize()),
         }
     }
 }
@@ -98,7 +111,7 @@ pub fn validate_vste(ste: VSte) -> Result<VSte, VSteError> {
     if !matches!(cfg, ste_cfg::ABORT | ste_cfg::BYPASS | ste_cfg::S1_TRANS) {
         return Err(VSteError::Config(cfg));
     }
-    let eats = (word1 >> 28) & 3;
+    let eats = u64::from(Ste1::from_bits(word1).eats());
     if eats > 1 {
         return Err(VSteError::Eats(eats));
     }
@@ -178,26 +191,11 @@ pub enum CmdError {
     UnknownSid(u32),
 }
 
-/// Bits `[hi:lo]` set (constants only: `lo <= hi <= 63`).
-const fn bits(lo: u32, hi: u32) -> u64 {
-    (u64::MAX >> 63u32.wrapping_sub(hi)) & (u64::MAX << lo)
-}
-
-const OPCODE: u64 = bits(0, 7);
-const VMID: u64 = bits(32, 47);
-const ASID: u64 = bits(48, 63);
-const SID: u64 = bits(32, 63);
-const NUM: u64 = bits(12, 16);
-const SCALE_LOW: u64 = bits(20, 24);
-const SCALE_DS: u64 = 1 << 25;
-const LEAF: u64 = 1;
-const TTL: u64 = bits(8, 9);
-const TG: u64 = bits(10, 11);
-const ADDR: u64 = bits(12, 63);
-const SSV: u64 = 1 << 11;
-const SSID: u64 = bits(12, 31);
-const ATC_GLOBAL: u64 = 1 << 9;
-const ATC_SIZE: u64 = bits(0, 5);
+/// The top bit of SCALE (d0\[25\]), which the kernel allows only with DS (linux-iommufd.md
+/// 1.7).
+const SCALE_DS: u64 = mask::SCALE & !(mask::SCALE >> 1);
+/// The rest of SCALE (d0\[24:20\]).
+const SCALE_LOW: u64 = mask::SCALE & !SCALE_DS;
 
 /// `arm_vsmmu_validate_user_cmd`: whether the kernel accepts `cmd` (before it forces the VMID
 /// and translates vSIDs). `vsid_known` says whether a StreamID has a vDEVICE.
@@ -207,39 +205,50 @@ pub fn validate_cmd(
     vsid_known: impl Fn(u32) -> bool,
 ) -> Result<(), CmdError> {
     let [d0, d1] = *cmd;
-    let opcode = (d0 & OPCODE) as u8;
+    let command = RawCommand { d0, d1 };
+    let opcode = command.opcode().0;
     let (allowed0, allowed1) = match opcode {
-        op::TLBI_NSNH_ALL => (OPCODE, 0),
-        op::TLBI_NH_ALL => (OPCODE | VMID, 0),
-        op::TLBI_NH_ASID => (OPCODE | VMID | ASID, 0),
+        op::TLBI_NSNH_ALL => (mask::OPCODE, 0),
+        op::TLBI_NH_ALL => (mask::OPCODE | mask::VMID, 0),
+        op::TLBI_NH_ASID => (mask::OPCODE | mask::VMID | mask::ASID, 0),
         op::TLBI_NH_VA | op::TLBI_NH_VAA => {
-            let asid = if opcode == op::TLBI_NH_VA { ASID } else { 0 };
+            let asid = if opcode == op::TLBI_NH_VA {
+                mask::ASID
+            } else {
+                0
+            };
             let (range0, range1) = if caps.ril {
                 (
-                    NUM | SCALE_LOW | if caps.ds { SCALE_DS } else { 0 },
-                    TG | TTL,
+                    mask::NUM | SCALE_LOW | if caps.ds { SCALE_DS } else { 0 },
+                    mask::TG | mask::TTL,
                 )
             } else {
                 (0, 0)
             };
-            (OPCODE | VMID | asid | range0, LEAF | ADDR | range1)
+            (
+                mask::OPCODE | mask::VMID | asid | range0,
+                mask::LEAF | mask::ADDRESS | range1,
+            )
         }
         op::ATC_INV => {
             if !caps.ats {
                 return Err(CmdError::NoAts);
             }
             let ssid = if caps.ssid_bits > 0 {
-                SSV | SSID | ATC_GLOBAL
+                mask::SSV | mask::SSID | mask::GLOBAL
             } else {
                 0
             };
-            (OPCODE | SID | ssid, ATC_SIZE | ADDR)
+            (
+                mask::OPCODE | mask::SID | ssid,
+                mask::ATC_SIZE | mask::ADDRESS,
+            )
         }
         op::CFGI_CD => {
-            let ssid = if caps.ssid_bits > 0 { SSID } else { 0 };
-            (OPCODE | SID | ssid, LEAF)
+            let ssid = if caps.ssid_bits > 0 { mask::SSID } else { 0 };
+            (mask::OPCODE | mask::SID | ssid, mask::LEAF)
         }
-        op::CFGI_CD_ALL => (OPCODE | SID, 0),
+        op::CFGI_CD_ALL => (mask::OPCODE | mask::SID, 0),
         other => return Err(CmdError::Opcode(other)),
     };
     let (bad0, bad1) = (d0 & !allowed0, d1 & !allowed1);
@@ -251,16 +260,16 @@ pub fn validate_cmd(
         });
     }
     if matches!(opcode, op::TLBI_NH_ASID | op::TLBI_NH_VA) {
-        let asid = (d0 & ASID) >> 48;
+        let asid = u64::from(command.asid());
         if caps.asid_bits < 16 && asid >> caps.asid_bits != 0 {
             return Err(CmdError::Asid(asid));
         }
     }
     if matches!(opcode, op::TLBI_NH_VA | op::TLBI_NH_VAA) {
-        let tg = (d1 & TG) >> 10;
-        let ttl = (d1 & TTL) >> 8;
-        let num = (d0 & NUM) >> 12;
-        let scale = (d0 & (SCALE_LOW | SCALE_DS)) >> 20;
+        let tg = u64::from(command.tg());
+        let ttl = u64::from(command.ttl());
+        let num = u64::from(command.num());
+        let scale = u64::from(command.scale());
         let reserved = if tg == 0 {
             num != 0 || scale != 0 || ttl != 0
         } else {
@@ -276,13 +285,13 @@ pub fn validate_cmd(
         }
     }
     if opcode == op::ATC_INV {
-        let size = d1 & ATC_SIZE;
+        let size = u64::from(command.atc_size());
         if size > 52 {
             return Err(CmdError::AtcSize(size));
         }
     }
     if matches!(opcode, op::ATC_INV | op::CFGI_CD | op::CFGI_CD_ALL) {
-        let sid = (d0 >> 32) as u32;
+        let sid = command.sid();
         if !vsid_known(sid) {
             return Err(CmdError::UnknownSid(sid));
         }
@@ -457,6 +466,73 @@ mod tests {
             validate_cmd(&[0x05 | (1 << 12), 0], &no_ssid, known),
             Err(CmdError::DisallowedBits { .. })
         ));
+    }
+
+    /// The masks now built from the spec's fields keep the values rules.rs spelled out before:
+    /// the old definitions, copied verbatim.
+    #[test]
+    fn spec_masks_equal_the_old_literals() {
+        const fn bits(lo: u32, hi: u32) -> u64 {
+            (u64::MAX >> 63u32.wrapping_sub(hi)) & (u64::MAX << lo)
+        }
+        assert_eq!(
+            NESTING_ALLOWED_0,
+            0xf800_0000_0000_0000 | 0x000f_ffff_ffff_ffc0 | 0x3f
+        );
+        assert_eq!(NESTING_ALLOWED_1, 0xff | (1 << 27) | (3 << 28));
+        let pairs = [
+            ("OPCODE", mask::OPCODE, bits(0, 7)),
+            ("VMID", mask::VMID, bits(32, 47)),
+            ("ASID", mask::ASID, bits(48, 63)),
+            ("SID", mask::SID, bits(32, 63)),
+            ("NUM", mask::NUM, bits(12, 16)),
+            ("SCALE_LOW", SCALE_LOW, bits(20, 24)),
+            ("SCALE_DS", SCALE_DS, 1 << 25),
+            ("LEAF", mask::LEAF, 1),
+            ("TTL", mask::TTL, bits(8, 9)),
+            ("TG", mask::TG, bits(10, 11)),
+            ("ADDR", mask::ADDRESS, bits(12, 63)),
+            ("SSV", mask::SSV, 1 << 11),
+            ("SSID", mask::SSID, bits(12, 31)),
+            ("ATC_GLOBAL", mask::GLOBAL, 1 << 9),
+            ("ATC_SIZE", mask::ATC_SIZE, bits(0, 5)),
+        ];
+        for (name, new, old) in pairs {
+            assert_eq!(new, old, "{name}");
+        }
+    }
+
+    /// `from_hw_info` reads the ID registers through the spec's fields exactly as the old shifts
+    /// did (copied verbatim), for no bits, every single bit and all bits of each register.
+    #[test]
+    fn caps_from_spec_fields_equal_the_old_shifts() {
+        fn old(info: &HwInfo) -> HostCaps {
+            let [idr0, idr1, _, idr3, _, idr5] = info.idr;
+            HostCaps {
+                asid_bits: if idr0 & (1 << 12) != 0 { 16 } else { 8 },
+                ril: idr3 & (1 << 10) != 0,
+                ds: idr5 & (1 << 7) != 0,
+                ats: idr0 & (1 << 10) != 0,
+                ssid_bits: (idr1 >> 6) & 0x1f,
+            }
+        }
+        let values = (0..32).map(|bit| 1u32 << bit).chain([0, u32::MAX]);
+        for value in values {
+            for reg in 0..6 {
+                let mut info = HwInfo::default();
+                info.idr[reg] = value;
+                assert_eq!(
+                    HostCaps::from_hw_info(&info),
+                    old(&info),
+                    "IDR{reg} = {value:#x}"
+                );
+            }
+            let info = HwInfo {
+                idr: [value; 6],
+                ..HwInfo::default()
+            };
+            assert_eq!(HostCaps::from_hw_info(&info), old(&info), "{value:#x}");
+        }
     }
 
     #[test]

@@ -16,12 +16,21 @@ use serde::{Deserialize, Serialize};
 use crate::host::rules::{self, HostCaps};
 use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
 use viommu_smmuv3::StreamState;
+use viommu_smmuv3::spec::ste::{Ste0, SteConfig};
 use viommu_smmuv3::stream::StreamConfig;
 
 /// The vSTE of the abort nested HWPT: V = 1, Config = abort.
-pub const ABORT_VSTE: VSte = [1, 0];
+pub const ABORT_VSTE: VSte = valid_vste(SteConfig::ABORT);
 /// The vSTE of the bypass nested HWPT: V = 1, Config = bypass (0b100).
-pub const BYPASS_VSTE: VSte = [1 | (rules::ste_cfg::BYPASS << 1), 0];
+pub const BYPASS_VSTE: VSte = valid_vste(SteConfig::BYPASS);
+
+/// A valid vSTE with only a Config.
+const fn valid_vste(config: SteConfig) -> VSte {
+    [
+        Ste0::new().with_v(true).with_config(config.0).into_bits(),
+        0,
+    ]
+}
 
 /// Largest host command batch: the kernel takes up to 2^19 entries per call.
 pub const MAX_BATCH: usize = 1 << 19;
@@ -679,5 +688,18 @@ pub fn target_for(state: &StreamState) -> Target {
 impl Drop for HostObjects {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// QEMU's pre-allocated nested HWPTs (linux-iommufd.md): abort `{ste0 = V}` and bypass
+    /// `{ste0 = V | Cfg = 4 << 1}`.
+    #[test]
+    fn abort_and_bypass_vstes_are_qemus() {
+        assert_eq!(ABORT_VSTE, [0x1, 0]);
+        assert_eq!(BYPASS_VSTE, [0x9, 0]);
     }
 }

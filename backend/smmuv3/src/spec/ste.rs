@@ -68,6 +68,31 @@ pub struct Ste0 {
     pub s1cdmax: u8,
 }
 
+/// The mask of a field `bits` wide at bit `offset`, from the `*_BITS` and `*_OFFSET` constants
+/// bitfield-struct generates for each field. Used in constants only, where a field that is
+/// empty or wider than 64 bits, or starts past bit 63, fails to compile.
+const fn field_mask(bits: usize, offset: usize) -> u64 {
+    let Some(clear) = (u64::BITS as usize).checked_sub(bits) else {
+        panic!("field wider than 64 bits");
+    };
+    (u64::MAX >> clear) << offset
+}
+
+/// The in-place masks of the fields of [`Ste0`].
+impl Ste0 {
+    /// \[0\] V.
+    pub const V_MASK: u64 = field_mask(Self::V_BITS, Self::V_OFFSET);
+    /// \[3:1\] Config.
+    pub const CONFIG_MASK: u64 = field_mask(Self::CONFIG_BITS, Self::CONFIG_OFFSET);
+    /// \[5:4\] S1Fmt.
+    pub const S1FMT_MASK: u64 = field_mask(Self::S1FMT_BITS, Self::S1FMT_OFFSET);
+    /// \[51:6\] S1ContextPtr.
+    pub const S1CONTEXTPTR_MASK: u64 =
+        field_mask(Self::S1CONTEXTPTR_BITS, Self::S1CONTEXTPTR_OFFSET);
+    /// \[63:59\] S1CDMax.
+    pub const S1CDMAX_MASK: u64 = field_mask(Self::S1CDMAX_BITS, Self::S1CDMAX_OFFSET);
+}
+
 /// STE qword 1.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
@@ -125,6 +150,22 @@ pub struct Ste1 {
     pub instcfg: u8,
     #[bits(12)]
     __: u16,
+}
+
+/// The in-place masks of the stage-1 fields of [`Ste1`] (the ones a nested vSTE carries).
+impl Ste1 {
+    /// \[1:0\] S1DSS.
+    pub const S1DSS_MASK: u64 = field_mask(Self::S1DSS_BITS, Self::S1DSS_OFFSET);
+    /// \[3:2\] S1CIR.
+    pub const S1CIR_MASK: u64 = field_mask(Self::S1CIR_BITS, Self::S1CIR_OFFSET);
+    /// \[5:4\] S1COR.
+    pub const S1COR_MASK: u64 = field_mask(Self::S1COR_BITS, Self::S1COR_OFFSET);
+    /// \[7:6\] S1CSH.
+    pub const S1CSH_MASK: u64 = field_mask(Self::S1CSH_BITS, Self::S1CSH_OFFSET);
+    /// \[27\] S1STALLD.
+    pub const S1STALLD_MASK: u64 = field_mask(Self::S1STALLD_BITS, Self::S1STALLD_OFFSET);
+    /// \[29:28\] EATS.
+    pub const EATS_MASK: u64 = field_mask(Self::EATS_BITS, Self::EATS_OFFSET);
 }
 
 /// STE qword 2: stage-2 configuration.
@@ -256,5 +297,32 @@ impl L1Std {
     /// L2Ptr as an address.
     pub fn l2_address(&self) -> u64 {
         self.l2ptr() << 6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The masks cover exactly the bit ranges the field documentation gives.
+    #[test]
+    fn field_masks_match_documented_ranges() {
+        assert_eq!(Ste0::V_MASK, 0x1);
+        assert_eq!(Ste0::CONFIG_MASK, 0xe);
+        assert_eq!(Ste0::S1FMT_MASK, 0x30);
+        assert_eq!(Ste0::S1CONTEXTPTR_MASK, 0x000f_ffff_ffff_ffc0);
+        assert_eq!(Ste0::S1CDMAX_MASK, 0xf800_0000_0000_0000);
+        assert_eq!(Ste1::S1DSS_MASK, 0x3);
+        assert_eq!(Ste1::S1CIR_MASK, 0xc);
+        assert_eq!(Ste1::S1COR_MASK, 0x30);
+        assert_eq!(Ste1::S1CSH_MASK, 0xc0);
+        assert_eq!(Ste1::S1STALLD_MASK, 1 << 27);
+        assert_eq!(Ste1::EATS_MASK, 3 << 28);
+        // A mask is the field set to all ones.
+        assert_eq!(
+            Ste0::S1CONTEXTPTR_MASK,
+            Ste0::new().with_s1contextptr((1 << 46) - 1).into_bits()
+        );
+        assert_eq!(Ste1::EATS_MASK, Ste1::new().with_eats(3).into_bits());
     }
 }
