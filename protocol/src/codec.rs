@@ -2,7 +2,7 @@
 //!
 //! Payloads are decoded field by field from a byte slice with exact bounds: a [`Reader`] never
 //! indexes out of range and reports a truncated payload as an error, and [`Reader::finish`]
-//! insists that every byte was consumed. No `unsafe`, no transmutes of wire bytes.
+//! insists that every byte was consumed. No transmutes of wire bytes (the crate forbids unsafe_code).
 
 use crate::error::DecodeError;
 

@@ -1,6 +1,6 @@
 //! `viommu-smmuv3`: a model of the ARM SMMUv3 (IHI 0070) for one guest, as a pure library. It
 //! reads and writes guest memory through vm-memory and returns effects; it does no socket,
-//! file or ioctl I/O, and has no unsafe code. It speaks its own types: the daemon converts
+//! file or ioctl I/O, and forbids unsafe_code. It speaks its own types: the daemon converts
 //! between them and the wire protocol at its edge.
 //!
 //! - [`spec`]: the architecture's registers and structures;
