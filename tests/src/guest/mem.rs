@@ -54,9 +54,23 @@ pub fn read_qwords<M: GuestRam, const N: usize>(mem: &M, addr: u64) -> Result<[u
 
 /// Writes consecutive little-endian qwords (one access, as a CPU's cache-line copy would).
 pub fn write_qwords<M: GuestRam>(mem: &M, addr: u64, words: &[u64]) -> Result<()> {
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(addr))
-        .map_err(|_| fault(addr))
+    // Commands (2 words) and STEs and CDs (8) fit the stack buffer; anything longer goes in
+    // chunks of 8 words.
+    let mut at = addr;
+    for chunk in words.chunks(8) {
+        let mut buf = [0u8; 64];
+        for (dst, word) in buf.chunks_exact_mut(8).zip(chunk) {
+            dst.copy_from_slice(&word.to_le_bytes());
+        }
+        let len = chunk.len().saturating_mul(8);
+        mem.write_slice(
+            buf.get(..len).ok_or(DriverError::Overflow)?,
+            GuestAddress(at),
+        )
+        .map_err(|_| fault(at))?;
+        at = at.checked_add(len as u64).ok_or(DriverError::Overflow)?;
+    }
+    Ok(())
 }
 
 /// Fills `len` bytes with `byte`.
