@@ -1,8 +1,6 @@
 //! The attached devices: ATTACH_DEVICE, which address space each device uses (re-evaluated
 //! when its stream changes, at a SID the frontend confirmed), and what the frontend is told.
 
-use super::host_objects::{self, Applied};
-use super::{MAX_DEVICES, Phase, Session, refuse};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use viommu_protocol::types::{AddressSpace, IotlbInvalidate};
@@ -11,6 +9,9 @@ use viommu_protocol::{
 };
 use viommu_smmuv3::stream::StreamConfig;
 use viommu_smmuv3::{SidRange, StreamState};
+
+use super::host_objects::{self, Applied};
+use super::{MAX_DEVICES, Phase, Session, refuse};
 
 /// An attached device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,9 +2,6 @@
 //! invalidations), and the guest's accesses that produce it: MMIO writes served barrier by
 //! barrier, and TRANSLATE.
 
-use super::handed_out;
-use super::{Session, model, refuse};
-use crate::host::RawCmd;
 use log::warn;
 use viommu_protocol::types::{
     Access, IotlbInvalidate, IrqIndex, MmioAccess, MsiWrite, Perm, TranslateReply, TranslateRequest,
@@ -12,6 +9,10 @@ use viommu_protocol::types::{
 use viommu_protocol::{BackendRequest, Error, ErrorReply, Request, Status};
 use viommu_smmuv3::walk::AccessKind;
 use viommu_smmuv3::{BarrierOutcome, CmdqStatus, Effect, IrqLine, SidRange};
+
+use super::handed_out;
+use super::{Session, model, refuse};
+use crate::host::RawCmd;
 
 impl Session {
     pub(super) fn mmio_write(&mut self, access: MmioAccess, value: u64) -> Result<(), ErrorReply> {

@@ -1,21 +1,20 @@
 //! Guest RAM as the frontend's memory table describes it: fd-backed regions mapped shared into
 //! this process, as a vm-memory `GuestMemoryMmap`.
 
-use viommu_protocol::{ErrorReply, Status};
-
-use super::ram_guard;
-use super::{Session, SessionError, refuse};
-
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use rustix::fs::{FileType, SealFlags, fcntl_get_seals, fstat};
 use viommu_protocol::types::MemRegion;
+use viommu_protocol::{ErrorReply, Status};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
+
+use super::ram_guard;
+use super::{Session, SessionError, refuse};
 
 /// Guest memory of the model.
 pub type GuestRam = GuestMemoryMmap<()>;

@@ -26,6 +26,7 @@ use viommu_protocol::{
     Backend, BackendChannel, Error, ErrorReply, Features, FrontendReply, FrontendRequest, Incoming,
     Request, Status, socket::Patience,
 };
+use viommu_smmuv3::Smmu;
 
 use crate::host::{HostError, HostIommu};
 use crate::limits::ModelLimits;
@@ -34,7 +35,6 @@ use guest_memory::memory_refusal;
 use guest_memory::{GuestRam, MAX_MEM_SLOTS};
 use handed_out::HandedOut;
 use host_objects::HostObjects;
-use viommu_smmuv3::Smmu;
 
 /// Features this backend offers.
 pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL

@@ -1,19 +1,17 @@
 //! VFIO devices in passthrough mode, from the session's side: attaching one to its nested
 //! HWPT, the IDR_AUTO policy, and the host's vEVENTQ events relayed to the guest.
 
-use super::devices::AttachedDevice;
-use super::host_objects::{self, Applied};
-use viommu_smmuv3::Capabilities;
-use viommu_smmuv3::spec::regs::{Idr0, Idr1, Idr3, Idr5, address_size_bits};
-
-use super::{Phase, Session, SessionError, model_ref, refuse};
-use crate::host::HwInfo;
-use crate::host::{HostDevice, HostError, VEvent};
-use crate::limits::IMPLEMENTED_MAX_OAS_BITS;
 use log::{info, warn};
 use viommu_protocol::types::AddressSpace;
 use viommu_protocol::{AttachDevice, ErrorReply, Features, FrontendReply, Status};
-use viommu_smmuv3::Smmu;
+use viommu_smmuv3::spec::regs::{Idr0, Idr1, Idr3, Idr5, address_size_bits};
+use viommu_smmuv3::{Capabilities, Smmu};
+
+use super::devices::AttachedDevice;
+use super::host_objects::{self, Applied};
+use super::{Phase, Session, SessionError, model_ref, refuse};
+use crate::host::{HostDevice, HostError, HwInfo, VEvent};
+use crate::limits::IMPLEMENTED_MAX_OAS_BITS;
 
 impl Session {
     pub(super) fn attach_passthrough(
@@ -24,25 +22,15 @@ impl Session {
         let Some(pt) = dev.passthrough else {
             return Err(refuse(Status::INTERNAL, "not a passthrough device"));
         };
-        let Some(p) = self.passthrough.as_mut() else {
-            return Err(refuse(
-                Status::BAD_STATE,
-                "a passthrough device before SET_IOMMUFD",
-            ));
-        };
+        let no_iommufd = || refuse(Status::BAD_STATE, "a passthrough device before SET_IOMMUFD");
         let host = |e: HostError| refuse(Status::HOST_ERROR, format!("device {}: {e}", dev.handle));
-        let hw = p.hw_info(pt.ids.devid).map_err(host)?;
-        let smmu = model_ref(&self.smmu)?;
-        if self.idr_auto_pending && self.phase == Phase::Configured {
-            // The first device fixes the ID registers before the guest can read them.
-            let features = idr_auto_capabilities(&hw, smmu.features());
-            info!(
-                "ID registers derived from device {}'s host SMMU: {features:?}",
-                dev.handle
-            );
-            self.smmu = Some(Smmu::new(features));
-            self.idr_auto_pending = false;
-        }
+        let hw = self
+            .passthrough
+            .as_mut()
+            .ok_or_else(no_iommufd)?
+            .hw_info(pt.ids.devid)
+            .map_err(host)?;
+        self.settle_idr_auto(&hw, &format!("device {}", dev.handle))?;
         let smmu = model_ref(&self.smmu)?;
         check_fit(&hw, smmu.features()).map_err(|reason| {
             refuse(
@@ -54,6 +42,7 @@ impl Session {
             )
         })?;
         let target = host_objects::target_for(&smmu.stream_state(&self.ram, dev.sid));
+        let p = self.passthrough.as_mut().ok_or_else(no_iommufd)?;
         let applied = p
             .attach(
                 dev.handle,
@@ -85,6 +74,23 @@ impl Session {
             return Err(e);
         }
         Ok(FrontendReply::Ack)
+    }
+
+    /// IDR_AUTO: the first host SMMU the session learns of (`source`'s: a passthrough device's,
+    /// or a saved state's) fixes the ID registers, before the guest can read them.
+    pub(super) fn settle_idr_auto(
+        &mut self,
+        host: &HwInfo,
+        source: &str,
+    ) -> Result<(), ErrorReply> {
+        if !self.idr_auto_pending || self.phase != Phase::Configured {
+            return Ok(());
+        }
+        let capabilities = idr_auto_capabilities(host, model_ref(&self.smmu)?.features());
+        info!("ID registers derived from {source}'s host SMMU: {capabilities:?}");
+        self.smmu = Some(Smmu::new(capabilities));
+        self.idr_auto_pending = false;
+        Ok(())
     }
 
     /// Keeps the host's vEVENTQs the size of the guest's event queue.
@@ -160,15 +166,17 @@ pub fn idr_auto_capabilities(host: &HwInfo, cfg: &Capabilities) -> Capabilities 
         ril: Idr3::from_bits(idr3).ril(),
         ats: false,
         ssid_bits: Idr1::from_bits(idr1).ssidsize().min(20),
-        oas_bits: host_oas_bits(host).min(IMPLEMENTED_MAX_OAS_BITS),
+        oas_bits: host_oas_bits(host),
         ..*cfg
     }
 }
 
-/// The host SMMU's output address size (IDR5.OAS; reserved encodings read as 48 bits, the
-/// largest this model takes from a host).
+/// The host SMMU's output address size (IDR5.OAS) as far as the model implements it: capped at
+/// [`IMPLEMENTED_MAX_OAS_BITS`], which reserved encodings read as.
 fn host_oas_bits(host: &HwInfo) -> u8 {
-    address_size_bits(Idr5::from_bits(host.idr[5]).oas()).map_or(48, |bits| bits.min(48))
+    address_size_bits(Idr5::from_bits(host.idr[5]).oas()).map_or(IMPLEMENTED_MAX_OAS_BITS, |bits| {
+        bits.min(IMPLEMENTED_MAX_OAS_BITS)
+    })
 }
 
 /// Whether a device on a host SMMU with `host` registers can serve a guest that sees the
@@ -213,7 +221,7 @@ pub fn check_fit(host: &HwInfo, vsmmu: &Capabilities) -> Result<(), String> {
             vsmmu.ssid_bits
         ));
     }
-    let host_oas = host_oas_bits(host).min(IMPLEMENTED_MAX_OAS_BITS);
+    let host_oas = host_oas_bits(host);
     if vsmmu.oas_bits > host_oas {
         missing.push(format!(
             "a {}-bit output address size (host has {host_oas})",

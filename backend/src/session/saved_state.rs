@@ -1,17 +1,19 @@
 //! GET_STATE and SET_STATE: the session's state as a sealed memfd blob (the model's
 //! registers, the devices, the passthrough host objects), and its restore.
 
-use super::host_objects::{HostObjects, PassthroughState};
-use super::{Session, model, model_ref, refuse};
-use log::info;
-use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, memfd_create};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::AsFd;
+
+use log::info;
+use rustix::fs::{MemfdFlags, SealFlags, fcntl_add_seals, memfd_create};
+use serde::{Deserialize, Serialize};
 use viommu_protocol::{ErrorReply, StateBlob, Status};
-use viommu_smmuv3::Smmu;
 use viommu_smmuv3::snapshot::SmmuSnapshot;
+
+use super::host_objects::{HostObjects, PassthroughState};
+use super::{Session, model, model_ref, refuse};
+use crate::host::HwInfo;
 
 /// The GET_STATE blob.
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,17 +121,12 @@ impl Session {
             ));
         }
         // An IDR_AUTO model takes the registers the saved devices' host SMMU gave it.
-        if self.idr_auto_pending
-            && let Some(v) = host_state.viommus.first()
-            && let Some(smmu) = self.smmu.as_ref()
-        {
-            let hw = crate::host::HwInfo {
+        if let Some(v) = host_state.viommus.first() {
+            let hw = HwInfo {
                 idr: v.idr,
                 ..Default::default()
             };
-            let features = super::passthrough::idr_auto_capabilities(&hw, smmu.features());
-            self.smmu = Some(Smmu::new(features));
-            self.idr_auto_pending = false;
+            self.settle_idr_auto(&hw, "the saved state")?;
         }
         let smmu = model(&mut self.smmu)?;
         smmu.restore(&state.smmu)
