@@ -7,10 +7,12 @@ use rustix::net::{AddressFamily, SocketType, sockopt};
 
 use crate::codec::Writer;
 use crate::error::DecodeError;
-use crate::message::{Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size, one_fd};
+use crate::message::{
+    Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size, one_fd, two_fds,
+};
 use crate::types::{
-    DeviceInfo, Features, IdRegs, IrqIndex, MAX_MEM_TABLE_REGIONS, MAX_STATE_SIZE, MemRegion,
-    MmioAccess, ModelConfig, PassthroughIds, TranslateReply, TranslateRequest,
+    DeviceFlags, DeviceInfo, Features, IdRegs, IrqIndex, MAX_MEM_TABLE_REGIONS, MAX_STATE_SIZE,
+    MemRegion, MmioAccess, ModelConfig, PassthroughIds, TranslateReply, TranslateRequest,
 };
 
 /// Request codes of the main channel.
@@ -53,9 +55,13 @@ pub mod code {
     pub const GET_STATE: u32 = 18;
     /// SET_STATE.
     pub const SET_STATE: u32 = 19;
+    /// SET_SHARED_REGION.
+    pub const SET_SHARED_REGION: u32 = 20;
+    /// UPDATE_DEVICE.
+    pub const UPDATE_DEVICE: u32 = 21;
 }
 
-const TABLE: [(u32, &str, ReplyPolicy); 19] = [
+const TABLE: [(u32, &str, ReplyPolicy); 21] = [
     (code::GET_FEATURES, "GET_FEATURES", ReplyPolicy::Always),
     (code::SET_FEATURES, "SET_FEATURES", ReplyPolicy::OnNeedReply),
     (code::SET_CONFIG, "SET_CONFIG", ReplyPolicy::Always),
@@ -87,6 +93,12 @@ const TABLE: [(u32, &str, ReplyPolicy); 19] = [
     (code::RESET, "RESET", ReplyPolicy::Always),
     (code::GET_STATE, "GET_STATE", ReplyPolicy::Always),
     (code::SET_STATE, "SET_STATE", ReplyPolicy::Always),
+    (
+        code::SET_SHARED_REGION,
+        "SET_SHARED_REGION",
+        ReplyPolicy::Always,
+    ),
+    (code::UPDATE_DEVICE, "UPDATE_DEVICE", ReplyPolicy::Always),
 ];
 
 /// A passthrough device's iommufd identities and its VFIO cdev.
@@ -172,6 +184,23 @@ pub enum FrontendRequest {
     GetState,
     /// SET_STATE: restore a blob from GET_STATE.
     SetState(StateBlob),
+    /// SET_SHARED_REGION: the shared region (a sealed memfd of
+    /// [`crate::shared::REGION_SIZE`] bytes, version 1) and the kick eventfd.
+    SetSharedRegion {
+        /// The region's memfd.
+        region: OwnedFd,
+        /// The eventfd the frontend writes when the backend may be asleep.
+        kick: OwnedFd,
+    },
+    /// UPDATE_DEVICE: an attached device's SID and flags now.
+    UpdateDevice {
+        /// The handle given at ATTACH_DEVICE.
+        handle: u32,
+        /// The device's requester ID now.
+        sid: u32,
+        /// Its flags.
+        flags: DeviceFlags,
+    },
 }
 
 fn flag_nofd() -> u32 {
@@ -203,6 +232,8 @@ impl Request for FrontendRequest {
             FrontendRequest::Reset => code::RESET,
             FrontendRequest::GetState => code::GET_STATE,
             FrontendRequest::SetState(_) => code::SET_STATE,
+            FrontendRequest::SetSharedRegion { .. } => code::SET_SHARED_REGION,
+            FrontendRequest::UpdateDevice { .. } => code::UPDATE_DEVICE,
         }
     }
 
@@ -264,6 +295,16 @@ impl Request for FrontendRequest {
             FrontendRequest::SetState(blob) => {
                 w.u64(blob.size);
                 fds.push(blob.fd.as_fd());
+            }
+            FrontendRequest::SetSharedRegion { region, kick } => {
+                w.u64(crate::shared::REGION_SIZE as u64)
+                    .u32(crate::shared::VERSION)
+                    .u32(0);
+                fds.push(region.as_fd());
+                fds.push(kick.as_fd());
+            }
+            FrontendRequest::UpdateDevice { handle, sid, flags } => {
+                w.u32(*handle).u32(*sid).u32(flags.bits()).u32(0);
             }
         }
         Encoded {
@@ -402,6 +443,44 @@ impl Request for FrontendRequest {
                     size,
                     fd: one_fd(fds)?,
                 })
+            }
+            code::SET_SHARED_REGION => {
+                let mut r = exact_size(payload, 16)?;
+                let size = r.u64()?;
+                if size != crate::shared::REGION_SIZE as u64 {
+                    return Err(DecodeError::Field {
+                        field: "shared.size",
+                        value: size,
+                        reason: "version 1's region is 0x10000 bytes",
+                    });
+                }
+                let version = r.u32()?;
+                if version != crate::shared::VERSION {
+                    return Err(DecodeError::Field {
+                        field: "shared.version",
+                        value: u64::from(version),
+                        reason: "only version 1 is defined",
+                    });
+                }
+                r.reserved_u32("shared.reserved")?;
+                let [region, kick] = two_fds(fds)?;
+                FrontendRequest::SetSharedRegion {
+                    region,
+                    kick: eventfd(kick)?,
+                }
+            }
+            code::UPDATE_DEVICE => {
+                let mut r = exact_size(payload, 16)?;
+                exact_fds(fds, 0)?;
+                let handle = r.u32()?;
+                let sid = r.u32()?;
+                let raw = r.u32()?;
+                let flags = DeviceFlags::from_bits(raw).ok_or(DecodeError::Reserved {
+                    field: "update.flags",
+                    value: u64::from(raw & !DeviceFlags::all().bits()),
+                })?;
+                r.reserved_u32("update.reserved")?;
+                FrontendRequest::UpdateDevice { handle, sid, flags }
             }
             other => return Err(DecodeError::UnknownRequest(other)),
         };

@@ -7,7 +7,8 @@
 //! - [`frontend`] and [`backend`]: the requests of the main channel and of the backend channel,
 //!   and their replies;
 //! - [`socket`]: framing with SCM_RIGHTS fd passing;
-//! - [`connection`]: requester and responder ends of a channel, for both roles.
+//! - [`connection`]: requester and responder ends of a channel, for both roles;
+//! - [`shared`]: the shared region (registers, posted writes, the translation cache).
 //!
 //! Decoding never panics: every byte sequence and fd set either decodes to a typed message or
 //! gives a precise error, and fds that arrive with a bad message are closed.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod frontend;
 pub mod header;
 pub mod message;
+pub mod shared;
 pub mod socket;
 pub mod status;
 pub mod types;

@@ -39,6 +39,19 @@ bitflags! {
         /// Bit 5: MSI writes from the backend (MSI_WRITE on the backend channel; the vSMMU may
         /// advertise IDR0.MSI). Needs BACKEND_CHANNEL.
         const MSI = 1 << 5;
+        /// Bit 6: the shared region (SET_SHARED_REGION, UPDATE_DEVICE; docs/protocol.md,
+        /// section 10).
+        const SHARED_REGION = 1 << 6;
+    }
+}
+
+bitflags! {
+    /// `UPDATE_DEVICE.flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct DeviceFlags: u32 {
+        /// Bit 0: the frontend keeps this device's translations where the backend cannot
+        /// clear them (IOMMU notifiers), and wants IOTLB_INVALIDATE for it.
+        const UNMAP_NOTIFY = 1 << 0;
     }
 }
 
@@ -430,8 +443,15 @@ impl MmioAccess {
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let offset = r.u64()?;
-        let size = AccessSize::from_bytes(r.u32()?)?;
+        let bytes = r.u32()?;
         r.reserved_u32("mmio.reserved")?;
+        Self::checked(offset, bytes)
+    }
+
+    /// An access of `bytes` at `offset`, checked as MMIO_READ and MMIO_WRITE payloads are
+    /// (also used for writes posted in the shared region).
+    pub fn checked(offset: u64, bytes: u32) -> Result<Self, DecodeError> {
+        let size = AccessSize::from_bytes(bytes)?;
         if offset >= MMIO_REGION_SIZE {
             return Err(DecodeError::Field {
                 field: "mmio.offset",

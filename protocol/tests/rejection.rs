@@ -304,6 +304,48 @@ fn reserved_fields_and_ranges() {
     };
     let cases: Vec<(u32, Vec<u8>, DecodeError)> = vec![
         (
+            code::SET_SHARED_REGION,
+            le(&[0x8000, 1, 0], &[8, 4, 4]),
+            DecodeError::Field {
+                field: "shared.size",
+                value: 0x8000,
+                reason: "version 1's region is 0x10000 bytes",
+            },
+        ),
+        (
+            code::SET_SHARED_REGION,
+            le(&[0x10000, 2, 0], &[8, 4, 4]),
+            DecodeError::Field {
+                field: "shared.version",
+                value: 2,
+                reason: "only version 1 is defined",
+            },
+        ),
+        (
+            code::SET_SHARED_REGION,
+            le(&[0x10000, 1, 1], &[8, 4, 4]),
+            DecodeError::Reserved {
+                field: "shared.reserved",
+                value: 1,
+            },
+        ),
+        (
+            code::UPDATE_DEVICE,
+            le(&[1, 8, 2, 0], &[4, 4, 4, 4]),
+            DecodeError::Reserved {
+                field: "update.flags",
+                value: 2,
+            },
+        ),
+        (
+            code::UPDATE_DEVICE,
+            le(&[1, 8, 1, 5], &[4, 4, 4, 4]),
+            DecodeError::Reserved {
+                field: "update.reserved",
+                value: 5,
+            },
+        ),
+        (
             code::MMIO_READ,
             le(&[0x20000, 4, 0], &[8, 4, 4]),
             DecodeError::Field {

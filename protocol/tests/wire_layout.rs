@@ -16,8 +16,9 @@ use std::thread;
 
 use viommu_protocol::message::Request as _;
 use viommu_protocol::types::{
-    Access, AccessSize, AddressSpace, ConfigFlags, Features, IotlbInvalidate, IrqIndex, MemRegion,
-    MmioAccess, ModelConfig, MsiWrite, PassthroughIds, Perm, TranslateReply, TranslateRequest,
+    Access, AccessSize, AddressSpace, ConfigFlags, DeviceFlags, Features, IotlbInvalidate,
+    IrqIndex, MemRegion, MmioAccess, ModelConfig, MsiWrite, PassthroughIds, Perm, TranslateReply,
+    TranslateRequest,
 };
 use viommu_protocol::{
     AttachDevice, Backend, BackendChannel, BackendReply, BackendRequest, DeviceSid, Error,
@@ -103,7 +104,7 @@ fn get_features_and_its_reply() {
         Ok(FrontendReply::Features(Features::all())),
         "01 00 00 00  05 00 00 00  10 00 00 00
          00 00 00 00  00 00 00 00
-         3f 00 00 00 00 00 00 00",
+         7f 00 00 00 00 00 00 00",
     );
 }
 
@@ -268,6 +269,30 @@ fn irq_fds() {
             fd: None,
         },
         "0a 00 00 00  01 00 00 00  08 00 00 00  00 00 00 00  01 00 00 00",
+    );
+}
+
+#[test]
+fn shared_region_messages() {
+    // SET_SHARED_REGION (20): size 0x10000, version 1, reserved; the memfd, then the kick.
+    let region = viommu_protocol::shared::Region::create().unwrap();
+    check_request(
+        FrontendRequest::SetSharedRegion {
+            region: region.fd().try_clone_to_owned().unwrap(),
+            kick: common::eventfd_new(),
+        },
+        "14 00 00 00  01 00 00 00  10 00 00 00
+         00 00 01 00 00 00 00 00  01 00 00 00  00 00 00 00",
+    );
+    // UPDATE_DEVICE (21): handle 7, SID 0x0108, UNMAP_NOTIFY.
+    check_request(
+        FrontendRequest::UpdateDevice {
+            handle: 7,
+            sid: 0x108,
+            flags: DeviceFlags::UNMAP_NOTIFY,
+        },
+        "15 00 00 00  01 00 00 00  10 00 00 00
+         07 00 00 00  08 01 00 00  01 00 00 00  00 00 00 00",
     );
 }
 

@@ -357,7 +357,8 @@ fn cmd_sync_completion_without_msi() {
 
 /// With IDR0.MSI: Linux's MSIPOLL (the MSI overwrites the CMD_SYNC's first word with
 /// MSIData 0), an MSI into another RAM word, an MSI to a doorbell outside RAM
-/// (`Effect::MsiWrite`), and MSIAddress = 0 (no MSI, still the wired interrupt).
+/// (`Effect::MsiWrite`), none of them also pulsing the wired line, and MSIAddress = 0 (no MSI:
+/// the wired interrupt).
 #[test]
 fn cmd_sync_completion_by_msi() {
     let f = Capabilities {
@@ -385,6 +386,10 @@ fn cmd_sync_completion_by_msi() {
         }])
         .unwrap();
         assert_eq!(read_u32(&d.mem, msiaddr).unwrap(), data);
+        assert!(
+            !effects(&mut d).contains(&Effect::Irq(IrqLine::CmdSync)),
+            "Linux's MSI polling costs no wired interrupt"
+        );
     }
     d.port.take_effects();
     d.issue_cmds(&[CmdEnt::Sync {
@@ -398,6 +403,10 @@ fn cmd_sync_completion_by_msi() {
         address: 0x800_0000_0000,
         data: 0xfeed
     }));
+    assert!(
+        !fx.contains(&Effect::Irq(IrqLine::CmdSync)),
+        "a sync signalled by its MSI does not also pulse the wired line"
+    );
     d.issue_cmds(&[CmdEnt::Sync {
         cs: 1,
         msiaddr: 0,
@@ -408,7 +417,7 @@ fn cmd_sync_completion_by_msi() {
     assert!(!fx.iter().any(|e| matches!(e, Effect::MsiWrite { .. })));
     assert!(
         fx.contains(&Effect::Irq(IrqLine::CmdSync)),
-        "wired interrupt regardless of MSIAddress"
+        "MSIAddress 0: the wired interrupt instead"
     );
     // CS = SEV with MSI fields: no MSI.
     write_u64(&d.mem, word, 0).unwrap();

@@ -299,10 +299,12 @@ impl Smmu {
         if cmd.sync_cs() != sync_cs::SIG_IRQ {
             return;
         }
-        if let Some(address) = self.msi_target(cmd.sync_msiaddr()) {
-            self.msi_write(mem, address, cmd.sync_msidata());
+        // Like the queues' and GERROR's: the MSI when one is configured, else the wired line
+        // (an MSI address of 0 is what lets a wired interrupt be used, IHI 0070 3.18).
+        match self.msi_target(cmd.sync_msiaddr()) {
+            Some(address) => self.msi_write(mem, address, cmd.sync_msidata()),
+            None => self.effects.push(Effect::Irq(IrqLine::CmdSync)),
         }
-        self.effects.push(Effect::Irq(IrqLine::CmdSync));
     }
 
     /// A range invalidation with TG set but NUM, SCALE and TTL all zero is Reserved

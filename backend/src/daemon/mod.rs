@@ -139,6 +139,7 @@ const TOKEN_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = 3;
 const TOKEN_HOST_EVENTS: u64 = 4;
 const TOKEN_STATUS: u64 = 5;
+const TOKEN_KICK: u64 = 6;
 
 /// Empties the status pipe; returns whether SIGUSR1 came.
 fn take_status_request(shutdown: &Shutdown) -> bool {
@@ -214,6 +215,7 @@ pub fn serve_connection(
         watch(&epoll, status, TOKEN_STATUS)?;
     }
     let mut channel_watched = false;
+    let mut kick_watched = false;
     let mut host_queues: Vec<(u32, RawFd)> = Vec::new();
     let mut events = [EpollEvent::default(); 8];
     loop {
@@ -221,8 +223,23 @@ pub fn serve_connection(
             watch(&epoll, channel, TOKEN_CHANNEL)?;
             channel_watched = true;
         }
+        if !kick_watched && let Some(kick) = session.kick() {
+            watch(&epoll, &kick, TOKEN_KICK)?;
+            kick_watched = true;
+        }
         sync_host_queues(&epoll, &session, &mut host_queues)?;
-        let n = match epoll.wait(-1, &mut events) {
+        // Writes posted while the backend decided to sleep are applied first (10.4 step 3).
+        if !session.prepare_to_sleep() {
+            if let Err(err) = session.drain_posted() {
+                error!("session ended: {}", crate::error_chain(&err));
+                log_end(&session);
+                return Ok(Served::Ended);
+            }
+            continue;
+        }
+        let n = epoll.wait(-1, &mut events);
+        session.awake();
+        let n = match n {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(DaemonError::Epoll(e)),
@@ -237,6 +254,13 @@ pub fn serve_connection(
                 TOKEN_STATUS => {
                     if take_status_request(shutdown) {
                         info!("status: {}", session.status_line());
+                    }
+                }
+                TOKEN_KICK => {
+                    if let Err(err) = session.handle_kick() {
+                        error!("session ended: {}", crate::error_chain(&err));
+                        log_end(&session);
+                        return Ok(Served::Ended);
                     }
                 }
                 TOKEN_HOST_EVENTS => {

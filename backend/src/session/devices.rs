@@ -3,7 +3,7 @@
 
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
-use viommu_protocol::types::{AddressSpace, IotlbInvalidate};
+use viommu_protocol::types::{AddressSpace, DeviceFlags, IotlbInvalidate};
 use viommu_protocol::{
     AttachDevice, BackendReply, BackendRequest, ErrorReply, Features, FrontendReply, Status,
 };
@@ -31,6 +31,9 @@ pub(super) struct AttachedDevice {
     /// The SID it was told for.
     #[serde(skip)]
     pub(super) space_sid: u32,
+    /// The frontend wants IOTLB_INVALIDATE for it (UPDATE_DEVICE's UNMAP_NOTIFY).
+    #[serde(skip)]
+    pub(super) unmap_notify: bool,
 }
 
 pub(super) fn translated() -> AddressSpace {
@@ -76,6 +79,7 @@ impl Session {
                 passthrough: false,
                 space: AddressSpace::Translated,
                 space_sid: dev.sid,
+                unmap_notify: false,
             },
         );
         // Tell the frontend the device's address space before the reply; a failed ATTACH_DEVICE
@@ -98,6 +102,62 @@ impl Session {
         // logged.
         self.run_effects()?;
         Ok(())
+    }
+
+    /// UPDATE_DEVICE: the frontend pushes a device's SID and flags (docs/protocol.md, 10.8).
+    /// A device that moved is re-evaluated at its new SID, and what was cached for the old one
+    /// is cleared.
+    pub(super) fn update_device(
+        &mut self,
+        handle: u32,
+        sid: u32,
+        flags: DeviceFlags,
+    ) -> Result<FrontendReply, ErrorReply> {
+        let sid_bits = self.smmu.as_ref().map_or(0, |s| s.features().sid_bits);
+        if u64::from(sid) >> sid_bits != 0 {
+            return Err(refuse(
+                Status::INVALID_ARGUMENT,
+                format!("SID {sid:#x} is beyond the configured {sid_bits} SID bits"),
+            ));
+        }
+        let Some(dev) = self.devices.get_mut(&handle) else {
+            return Err(refuse(
+                Status::NOT_FOUND,
+                format!("no device with handle {handle}"),
+            ));
+        };
+        let notify = flags.contains(DeviceFlags::UNMAP_NOTIFY);
+        if notify != dev.unmap_notify {
+            info!(
+                "device {handle}: unmap notifications {}",
+                if notify { "on" } else { "off" }
+            );
+        }
+        dev.unmap_notify = notify;
+        let old = dev.sid;
+        let moved = old != sid || !dev.confirmed;
+        dev.sid = sid;
+        dev.confirmed = true;
+        if !moved {
+            return Ok(FrontendReply::Ack);
+        }
+        info!("device {handle} is now at SID {sid:#x} (was {old:#x})");
+        let passthrough = dev.passthrough;
+        if passthrough
+            && let Some(p) = self.passthrough.as_mut()
+            && let Err(e) = p.set_vsid(handle, sid)
+        {
+            warn!("device {handle}: new vSID {sid:#x}: {e}");
+        }
+        self.clear_streams(SidRange {
+            first: old,
+            last: old,
+        });
+        let mut out = Vec::new();
+        self.evaluate(&[handle], &mut out);
+        self.send_backend(out)?;
+        self.run_effects()?;
+        Ok(FrontendReply::Ack)
     }
 
     /// Undoes an attach that failed half way: the device and anything made for it go.
@@ -132,7 +192,12 @@ impl Session {
         if ranges.is_empty() || self.devices.is_empty() {
             return Ok(());
         }
-        let moved = self.confirm_sids()?;
+        // Pushed SIDs (UPDATE_DEVICE) are current: nothing to ask.
+        let moved = if self.sids_pushed() {
+            Vec::new()
+        } else {
+            self.confirm_sids()?
+        };
         let chosen: Vec<u32> = self
             .devices
             .iter()

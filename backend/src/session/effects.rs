@@ -65,12 +65,15 @@ impl Session {
                     TranslateReply::Fault { event: 0 }
                 } else {
                     let start = t.iova & !mask;
-                    let handle = self
-                        .devices
-                        .iter()
-                        .find(|(_, d)| d.sid == t.sid)
-                        .map(|(&h, _)| h);
-                    self.handed_out.record(handle, start, start | mask);
+                    let device = self.devices.iter().find(|(_, d)| d.sid == t.sid);
+                    let handle = device.map(|(&h, _)| h);
+                    // With the shared region, the frontend holds translations elsewhere only
+                    // for the devices that said so (docs/protocol.md, 10.6).
+                    let notify = device.is_some_and(|(_, d)| d.unmap_notify);
+                    if self.shared.is_none() || notify {
+                        self.handed_out.record(handle, start, start | mask);
+                    }
+                    self.fill_translation(t.sid, t.ssid, t.iova, access, &tr);
                     TranslateReply::Translated {
                         addr: tr.output_base,
                         addr_mask: mask,
@@ -93,6 +96,8 @@ impl Session {
             Some(smmu) if smmu.has_effects() => smmu.take_effects(),
             _ => return Ok(BarrierOutcome::Served),
         };
+        // The guest may read the registers as soon as an interrupt below reports a change.
+        self.publish();
         let mut outcome = BarrierOutcome::Served;
         let mut outgoing = Vec::new();
         let mut stale = Vec::new();
@@ -104,13 +109,20 @@ impl Session {
                 Effect::MsiWrite { address, data } => {
                     outgoing.push(BackendRequest::MsiWrite(MsiWrite { address, data }));
                 }
-                Effect::StreamsChanged(range) => changed.push(range),
+                Effect::StreamsChanged(range) => {
+                    self.clear_streams(range);
+                    changed.push(range);
+                }
                 // One address (a TLBI without a range): the translations containing it, of
                 // whatever size they were handed out.
                 Effect::TranslationsInvalidated { start, last } if start == last => {
+                    self.clear_translations(start, last);
                     stale.push(self.handed_out.containing(start));
                 }
-                Effect::TranslationsInvalidated { start, last } => stale.push((start, last)),
+                Effect::TranslationsInvalidated { start, last } => {
+                    self.clear_translations(start, last);
+                    stale.push((start, last));
+                }
                 Effect::HostInvalidate(cmd) => host_cmds.push([cmd.d0, cmd.d1]),
             }
         }

@@ -14,6 +14,9 @@ pub mod model_config;
 mod passthrough;
 pub mod ram_guard;
 mod saved_state;
+mod shared;
+
+pub use shared::{PREFETCH_PAGES, SharedCounters};
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -42,7 +45,8 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::PASSTHROUGH)
     .union(Features::TRANSLATE)
     .union(Features::STATE)
-    .union(Features::MSI);
+    .union(Features::MSI)
+    .union(Features::SHARED_REGION);
 
 /// Most devices attached at once (ATTACH_DEVICE beyond it is NO_SPACE); a GET_DEVICE_SIDS
 /// reply can list them all.
@@ -114,6 +118,9 @@ pub enum SessionError {
     /// the backend told it.
     #[error("the backend channel is out of step: {0}")]
     ChannelBroken(String),
+    /// The frontend broke the shared region's rules (docs/protocol.md, section 10.7).
+    #[error("shared region")]
+    Shared(#[source] viommu_protocol::shared::SharedError),
     /// The frontend sent a message it did not wait for an answer to, and it failed, so the
     /// failure cannot be reported on the connection.
     #[error("posted {request} failed: {status}: {message}")]
@@ -181,6 +188,9 @@ pub struct Session {
     /// Ends any wait for the frontend when it becomes readable (a shutdown was asked for).
     cancel: Option<OwnedFd>,
     counters: SessionCounters,
+    /// The shared region, once SET_SHARED_REGION set it.
+    shared: Option<shared::Shared>,
+    shared_counters: SharedCounters,
 }
 
 impl std::fmt::Debug for Session {
@@ -240,6 +250,8 @@ impl Session {
             ram_watch: ram_guard::Watch::default(),
             cancel: None,
             counters: SessionCounters::default(),
+            shared: None,
+            shared_counters: SharedCounters::default(),
         }
     }
 
@@ -285,6 +297,11 @@ impl Session {
         self.counters
     }
 
+    /// Counters of the shared region.
+    pub fn shared_counters(&self) -> SharedCounters {
+        self.shared_counters
+    }
+
     /// The model, once configured.
     pub fn smmu(&self) -> Option<&Smmu> {
         self.smmu.as_ref()
@@ -319,6 +336,13 @@ impl Session {
             line.push_str(&format!(
                 ", {} commands ({} errors), {} events ({} lost), {} IOTLB hits",
                 m.commands, m.command_errors, m.events, m.events_lost, m.iotlb_hits
+            ));
+        }
+        if self.shared.is_some() {
+            let s = self.shared_counters;
+            line.push_str(&format!(
+                ", shared region: {} posted writes, {} publications, {} cache fills ({} prefetched), {} cleared",
+                s.posted_writes, s.publications, s.cache_fills, s.prefetched, s.cache_clears
             ));
         }
         if let Some(p) = self.passthrough.as_ref() {
@@ -366,7 +390,10 @@ impl Session {
         let Incoming { request, token } = incoming;
         let name = request.name();
         debug!("{name}");
+        // Writes posted before this message come first (docs/protocol.md, 10.4).
+        self.drain_posted()?;
         let result = self.dispatch(request);
+        self.publish();
         if let Some(lost) = self.lost_ram() {
             return Err(lost);
         }
@@ -398,7 +425,11 @@ impl Session {
         request: FrontendRequest,
     ) -> Result<FrontendReply, ErrorReply> {
         self.counters.messages = self.counters.messages.saturating_add(1);
+        if let Err(e) = self.drain_posted() {
+            return Err(refuse(Status::INTERNAL, crate::error_chain(&e)));
+        }
         let result = self.dispatch(request);
+        self.publish();
         if let Some(lost) = self.lost_ram() {
             return Err(refuse(Status::INTERNAL, lost.to_string()));
         }
@@ -573,6 +604,7 @@ impl Session {
                 if let Some(smmu) = self.smmu.as_mut() {
                     smmu.reset();
                 }
+                self.clear_all_translations();
                 self.run_effects()?;
                 info!("vSMMU reset");
                 Ok(FrontendReply::Ack)
@@ -589,7 +621,17 @@ impl Session {
                     return Err(refuse(Status::BAD_STATE, "SET_STATE after the guest ran"));
                 }
                 self.set_state(blob)?;
+                self.clear_all_translations();
                 Ok(FrontendReply::Ack)
+            }
+            FrontendRequest::SetSharedRegion { region, kick } => {
+                self.require_feature(Features::SHARED_REGION, name)?;
+                self.set_shared_region(region, kick)
+            }
+            FrontendRequest::UpdateDevice { handle, sid, flags } => {
+                self.require(Phase::Configured, name)?;
+                self.require_feature(Features::SHARED_REGION, name)?;
+                self.update_device(handle, sid, flags)
             }
         }
     }

@@ -66,6 +66,7 @@ impl Session {
                 passthrough: true,
                 space: AddressSpace::Translated,
                 space_sid: dev.sid,
+                unmap_notify: false,
             },
         );
         self.follow_eventq();
