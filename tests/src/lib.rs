@@ -14,6 +14,7 @@ pub mod lab;
 pub mod port;
 pub mod ram;
 pub mod scenario;
+pub mod shared;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -41,7 +42,8 @@ pub const FRONTEND_FEATURES: Features = Features::PASSTHROUGH
     .union(Features::MEM_SLOTS)
     .union(Features::TRANSLATE)
     .union(Features::STATE)
-    .union(Features::MSI);
+    .union(Features::MSI)
+    .union(Features::SHARED_REGION);
 
 /// The outcome of a DMA translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,9 @@ pub struct MockQemu {
     state: Arc<Mutex<ChannelState>>,
     devices: BTreeMap<u32, u32>,
     sent: Sent,
+    /// Whether to set up the shared region when it is negotiated.
+    use_shared: bool,
+    shared: Option<Rc<shared::SharedFrontend>>,
 }
 
 impl MockQemu {
@@ -115,7 +120,21 @@ impl MockQemu {
             state: Arc::default(),
             devices: BTreeMap::new(),
             sent: Sent::default(),
+            use_shared: shared::wanted_by_default(),
+            shared: None,
         }
+    }
+
+    /// Whether to take the shared region (feature SHARED_REGION) at negotiation; the default
+    /// comes from `VIOMMU_MOCK_SHARED`.
+    pub fn with_shared_region(mut self, on: bool) -> Self {
+        self.use_shared = on;
+        self
+    }
+
+    /// The shared region, once set up.
+    pub fn shared(&self) -> Option<&Rc<shared::SharedFrontend>> {
+        self.shared.as_ref()
     }
 
     /// The main-channel connection.
@@ -139,7 +158,10 @@ impl MockQemu {
             FrontendReply::Features(f) => f,
             other => bail!("GET_FEATURES answered with {other:?}"),
         };
-        let wanted = offer & usable;
+        let mut wanted = offer & usable;
+        if !self.use_shared {
+            wanted.remove(Features::SHARED_REGION);
+        }
         self.main.call(&FrontendRequest::SetFeatures(wanted))?;
         self.features = wanted;
         Ok(wanted)
@@ -187,6 +209,13 @@ impl MockQemu {
                 Arc::clone(&self.state),
             )?);
         }
+        if self.features.contains(Features::SHARED_REGION) {
+            let (shared, region, kick) = shared::SharedFrontend::create()?;
+            self.main
+                .call(&FrontendRequest::SetSharedRegion { region, kick })
+                .context("SET_SHARED_REGION")?;
+            self.shared = Some(shared);
+        }
         self.main.call(&FrontendRequest::SetConfig(config))?;
         self.ram = Some(ram);
         Ok(())
@@ -207,7 +236,7 @@ impl MockQemu {
 
     /// The vSMMU's register window, for a guest driver.
     pub fn port(&self) -> SocketPort {
-        SocketPort::new(Rc::clone(&self.main))
+        SocketPort::new(Rc::clone(&self.main), self.shared.clone())
     }
 
     /// GET_ID_REGS.
@@ -266,12 +295,40 @@ impl MockQemu {
 
     /// The guest renumbered a bus: the device is at `sid` now (QEMU computes this from the
     /// PCI topology and answers GET_DEVICE_SIDS and RESOLVE_SID with it).
+    ///
+    /// With the shared region the SID is pushed (UPDATE_DEVICE) at once, before any later
+    /// register write, as QEMU pushes it before it posts the next one.
     pub fn set_sid(&mut self, handle: u32, sid: u32) {
         let mut state = self.channel_state();
         state.sids.retain(|_, &mut h| h != handle);
         state.sids.insert(sid, handle);
         drop(state);
-        self.devices.insert(handle, sid);
+        let moved = self
+            .devices
+            .insert(handle, sid)
+            .is_some_and(|old| old != sid);
+        if moved
+            && self.shared.is_some()
+            && let Err(e) = self.update_device(handle, viommu_protocol::types::DeviceFlags::empty())
+        {
+            log::warn!("UPDATE_DEVICE {handle}: {e:#}");
+        }
+    }
+
+    /// UPDATE_DEVICE: pushes a device's SID as the mock knows it, with `flags`.
+    pub fn update_device(
+        &mut self,
+        handle: u32,
+        flags: viommu_protocol::types::DeviceFlags,
+    ) -> anyhow::Result<()> {
+        let sid = *self
+            .devices
+            .get(&handle)
+            .with_context(|| format!("no device {handle}"))?;
+        self.main
+            .call(&FrontendRequest::UpdateDevice { handle, sid, flags })
+            .with_context(|| format!("UPDATE_DEVICE {handle}"))?;
+        Ok(())
     }
 
     /// DETACH_DEVICE.
@@ -322,6 +379,20 @@ impl MockQemu {
                 cached: true,
             });
         }
+        if let Some(shared) = self.shared.as_ref()
+            && !access.contains(Access::PRIV)
+            && !access.contains(Access::EXEC)
+            && let Some(gpa) = shared.lookup(
+                sid,
+                ssid,
+                iova,
+                needs.contains(viommu_protocol::Perm::READ),
+                needs.contains(viommu_protocol::Perm::WRITE),
+            )
+        {
+            self.sent.cache_hits = self.sent.cache_hits.saturating_add(1);
+            return Ok(Dma::Address { gpa, cached: true });
+        }
         let cached = self.channel_state().cache.lookup(handle, ssid, iova);
         if let Some((start, hit)) = cached
             && hit.perm.contains(needs)
@@ -349,6 +420,13 @@ impl MockQemu {
                 perm,
             }) => {
                 let start = iova & !addr_mask;
+                // With the shared region the backend keeps the cache (docs/protocol.md, 10.6).
+                if self.shared.is_some() {
+                    return Ok(Dma::Address {
+                        gpa: addr | (iova & addr_mask),
+                        cached: false,
+                    });
+                }
                 self.channel_state().cache.insert(
                     handle,
                     ssid,

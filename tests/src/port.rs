@@ -1,8 +1,11 @@
 //! The vSMMU's register window reached over the main connection, as QEMU's MMIO trap handlers
 //! reach it: reads are MMIO_READ (answered), writes are MMIO_WRITE (posted, ordered before the
-//! next read).
+//! next read); with the shared region, reads of mirrored registers come from the mirror and
+//! writes go into its ring.
 
 use std::rc::Rc;
+
+use crate::shared::SharedFrontend;
 
 use viommu_protocol::{AccessSize, Error, Frontend, FrontendReply, FrontendRequest, MmioAccess};
 
@@ -13,6 +16,7 @@ use crate::guest::SmmuPort;
 #[derive(Debug)]
 pub struct SocketPort {
     main: Rc<Frontend>,
+    shared: Option<Rc<SharedFrontend>>,
     error: Option<Error>,
     reads: u64,
     writes: u64,
@@ -20,9 +24,10 @@ pub struct SocketPort {
 
 impl SocketPort {
     /// A port on `main`.
-    pub fn new(main: Rc<Frontend>) -> Self {
+    pub fn new(main: Rc<Frontend>, shared: Option<Rc<SharedFrontend>>) -> Self {
         Self {
             main,
+            shared,
             error: None,
             reads: 0,
             writes: 0,
@@ -64,6 +69,17 @@ impl SmmuPort for SocketPort {
         } else {
             u64::from(u32::MAX)
         };
+        if let Some(shared) = self.shared.as_ref() {
+            match shared.read(offset, size) {
+                Ok(Some(v)) => return v,
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("shared region: {e}");
+                    self.fail(Error::Io(std::io::Error::other(e.to_string())));
+                    return all_ones;
+                }
+            }
+        }
         match self
             .main
             .call(&FrontendRequest::MmioRead(access(offset, size)))
@@ -82,6 +98,13 @@ impl SmmuPort for SocketPort {
 
     fn write(&mut self, offset: u64, size: u32, value: u64) {
         self.writes = self.writes.saturating_add(1);
+        if let Some(shared) = self.shared.as_ref() {
+            if let Err(e) = shared.write(offset, size, value) {
+                log::warn!("shared region: {e}");
+                self.fail(Error::Io(std::io::Error::other(e.to_string())));
+            }
+            return;
+        }
         if let Err(e) = self.main.post(&FrontendRequest::MmioWrite {
             access: access(offset, size),
             value,

@@ -1,0 +1,233 @@
+//! The shared region (docs/protocol.md, section 10) between the real `viommu-backend` and the
+//! mock QEMU: registers read from the mirror, writes posted in the ring, translations found in
+//! the backend's cache (prefetched around a miss) and gone before the CMD_SYNC that
+//! invalidates them completes, without an IOTLB_INVALIDATE; SIDs pushed, never asked for.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use viommu_protocol::types::DeviceFlags;
+use viommu_protocol::{Access, FrontendRequest, Status};
+use viommu_tests::channel::Notification;
+use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
+use viommu_tests::guest::pgtable::{Granule, prot};
+use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
+use viommu_tests::scenario::{self, ALLOC_START, RAM_SIZE, default_config};
+use viommu_tests::{Dma, MockQemu, PrivateDaemon};
+
+fn started(daemon: &PrivateDaemon) -> MockQemu {
+    let mut qemu = daemon.connect().unwrap().with_shared_region(true);
+    qemu.negotiate().unwrap();
+    qemu.start(default_config(), RAM_SIZE).unwrap();
+    assert!(qemu.shared().is_some(), "the backend offers SHARED_REGION");
+    qemu
+}
+
+fn invalidations(qemu: &MockQemu) -> usize {
+    qemu.channel_state()
+        .log
+        .iter()
+        .filter(|n| matches!(n, Notification::Invalidate { .. }))
+        .count()
+}
+
+fn sid_questions(qemu: &MockQemu) -> usize {
+    qemu.channel_state()
+        .log
+        .iter()
+        .filter(|n| matches!(n, Notification::DeviceSids { .. }))
+        .count()
+}
+
+/// Linux's boot and DMA session runs with every mirrored register read served by the mirror
+/// and every register write posted in the ring, with far fewer kicks than writes.
+#[test]
+fn a_linux_session_reads_and_writes_registers_without_messages() {
+    let daemon = PrivateDaemon::start("shared-linux").unwrap();
+    let mut qemu = daemon.connect().unwrap().with_shared_region(true);
+    let report = scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+    assert!(report.translations > 0);
+    let sent = qemu.shared().unwrap().sent();
+    assert!(sent.mirror_reads > 10, "{sent:?}");
+    assert!(sent.posted > 20, "{sent:?}");
+    assert!(sent.kicks <= sent.posted, "{sent:?}");
+    // Nothing was asked about SIDs: they are pushed.
+    assert_eq!(sid_questions(&qemu), 0);
+    qemu.close().unwrap();
+}
+
+/// A miss fills the cache with the page and its mapped neighbours (prefetch, both ways); hits
+/// need no TRANSLATE; an unmap's TLBI + CMD_SYNC clears them before the sync completes, with no
+/// IOTLB_INVALIDATE, so the next access asks again and faults.
+#[test]
+fn translations_are_cached_prefetched_and_cleared_before_the_sync_completes() {
+    let daemon = PrivateDaemon::start("shared-cache").unwrap();
+    let mut qemu = started(&daemon);
+    let mem = qemu.mem().unwrap().clone();
+    let mut d = Driver::probe(
+        qemu.port(),
+        mem,
+        BumpAllocator::new(ALLOC_START, RAM_SIZE),
+        DriverConfig::default(),
+    )
+    .unwrap();
+    d.reset().unwrap();
+    let (handle, sid) = (3, 0x18);
+    qemu.attach(handle, sid).unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    // Eight pages mapped downwards from the top, as Linux's IOVA allocator hands them out.
+    let iova = 0x4_0000_0000u64;
+    let mut pages = Vec::new();
+    for i in 0..8u64 {
+        let pa = d.alloc_zeroed(0x1000, 0x1000).unwrap();
+        d.map(&pt, iova + i * 0x1000, pa, 0x1000, prot::RW).unwrap();
+        pages.push(pa);
+    }
+    let domain = d.attach_s1(sid, pt, 7).unwrap();
+    let before = qemu.sent().translates;
+    // A miss in the middle: TRANSLATE once.
+    assert_eq!(
+        qemu.translate(handle, None, iova + 4 * 0x1000 + 0x10, Access::READ)
+            .unwrap(),
+        Dma::Address {
+            gpa: pages[4] + 0x10,
+            cached: false
+        }
+    );
+    assert_eq!(qemu.sent().translates, before + 1);
+    // Every other mapped page, above and below, was prefetched: no TRANSLATE.
+    for (i, &pa) in pages.iter().enumerate() {
+        assert_eq!(
+            qemu.translate(handle, None, iova + i as u64 * 0x1000 + 8, Access::WRITE)
+                .unwrap(),
+            Dma::Address {
+                gpa: pa + 8,
+                cached: true
+            },
+            "page {i}"
+        );
+    }
+    assert_eq!(qemu.sent().translates, before + 1);
+    // Pages beyond the mapping were not entered (the probe stopped there): TRANSLATE, fault.
+    assert!(matches!(
+        qemu.translate(handle, None, iova + 8 * 0x1000, Access::READ)
+            .unwrap(),
+        Dma::Fault { .. }
+    ));
+    // Another device at another SID never uses this device's entries.
+    qemu.attach(4, 0x19).unwrap();
+    assert!(matches!(
+        qemu.translate(4, None, iova, Access::READ).unwrap(),
+        Dma::Fault { .. } | Dma::Address { cached: false, .. }
+    ));
+    // Unmap page 2, TLBI by VA and CMD_SYNC: when the sync completes the entry is gone.
+    domain.pt.unmap(&d.mem, iova + 2 * 0x1000).unwrap();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhVa(Tlbi {
+        asid: domain.asid,
+        addr: iova + 2 * 0x1000,
+        leaf: true,
+        ..Tlbi::default()
+    }))
+    .unwrap();
+    let asked = qemu.sent().translates;
+    assert!(matches!(
+        qemu.translate(handle, None, iova + 2 * 0x1000, Access::READ)
+            .unwrap(),
+        Dma::Fault { .. }
+    ));
+    assert_eq!(
+        qemu.sent().translates,
+        asked + 1,
+        "the cleared entry missed"
+    );
+    // Its neighbours stay cached.
+    assert!(matches!(
+        qemu.translate(handle, None, iova + 3 * 0x1000, Access::READ)
+            .unwrap(),
+        Dma::Address { cached: true, .. }
+    ));
+    // No message was needed for any of it.
+    assert_eq!(invalidations(&qemu), 0);
+    d.evtq_thread().unwrap();
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
+}
+
+/// A device that asked for unmap notifications (vhost's device IOTLB) still hears of unmaps by
+/// IOTLB_INVALIDATE; a SID pushed with UPDATE_DEVICE is used at once, and CFGI_STE of a SID no
+/// device has asks nothing. Bad UPDATE_DEVICEs are refused and change nothing.
+#[test]
+fn notified_devices_hear_of_unmaps_and_sids_are_pushed() {
+    let daemon = PrivateDaemon::start("shared-notify").unwrap();
+    let mut qemu = started(&daemon);
+    let mem = qemu.mem().unwrap().clone();
+    let mut d = Driver::probe(
+        qemu.port(),
+        mem,
+        BumpAllocator::new(ALLOC_START, RAM_SIZE),
+        DriverConfig::default(),
+    )
+    .unwrap();
+    d.reset().unwrap();
+    let (handle, sid) = (9, 0x30);
+    qemu.attach(handle, sid).unwrap();
+    qemu.update_device(handle, DeviceFlags::UNMAP_NOTIFY)
+        .unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    let iova = 0x8000_0000u64;
+    let pa = d.alloc_zeroed(0x1000, 0x1000).unwrap();
+    d.map(&pt, iova, pa, 0x1000, prot::RW).unwrap();
+    let domain = d.attach_s1(sid, pt, 11).unwrap();
+    assert!(matches!(
+        qemu.translate(handle, None, iova, Access::READ).unwrap(),
+        Dma::Address { .. }
+    ));
+    domain.pt.unmap(&d.mem, iova).unwrap();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhVa(Tlbi {
+        asid: domain.asid,
+        addr: iova,
+        leaf: true,
+        ..Tlbi::default()
+    }))
+    .unwrap();
+    assert_eq!(invalidations(&qemu), 1, "the notified device heard of it");
+    // CFGI_STE of SIDs nobody has: no question on the backend channel.
+    for s in 0x100..0x110 {
+        d.issue_cmd_with_sync(CmdEnt::CfgiSte { sid: s, leaf: true })
+            .unwrap();
+    }
+    assert_eq!(sid_questions(&qemu), 0);
+    // Hostile or stale UPDATE_DEVICEs.
+    let err = |req| match qemu.frontend().call(&req) {
+        Err(viommu_protocol::Error::Remote { status, .. }) => status,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        err(FrontendRequest::UpdateDevice {
+            handle: 77,
+            sid: 1,
+            flags: DeviceFlags::empty()
+        }),
+        Status::NOT_FOUND
+    );
+    assert_eq!(
+        err(FrontendRequest::UpdateDevice {
+            handle,
+            sid: 1 << 20,
+            flags: DeviceFlags::empty()
+        }),
+        Status::INVALID_ARGUMENT
+    );
+    // A second SET_SHARED_REGION is refused.
+    let (_, region, kick) = viommu_tests::shared::SharedFrontend::create().unwrap();
+    assert_eq!(
+        err(FrontendRequest::SetSharedRegion { region, kick }),
+        Status::BAD_STATE
+    );
+    d.evtq_thread().unwrap();
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
+}
