@@ -90,10 +90,10 @@ impl SharedFrontend {
     /// A register read from the mirror, `None` where it is not mirrored.
     pub fn read(&self, offset: u64, size: u32) -> Result<Option<u64>, SharedError> {
         self.wait_applied()?;
-        let value =
-            self.side
-                .borrow()
-                .read_register(offset, size, deadline_from_now())?;
+        let value = self
+            .side
+            .borrow()
+            .read_register(offset, size, deadline_from_now())?;
         if value.is_some() {
             let mut c = self.counters.borrow_mut();
             c.mirror_reads = c.mirror_reads.saturating_add(1);
