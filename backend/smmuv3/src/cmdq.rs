@@ -293,8 +293,8 @@ impl Smmu {
 
     /// Signals a CMD_SYNC's completion (SMMUv3 4.7.3). CS = SIG_IRQ: an MSI write of MSIData
     /// when the SMMU has MSIs and MSIAddress is not zero, to MSIAddress truncated to the OAS
-    /// (3.4.3), and the wired CMD_SYNC interrupt regardless of MSIAddress. CS = none, or SEV
-    /// without IDR0.SEV: nothing.
+    /// (3.4.3); otherwise the wired CMD_SYNC interrupt. CS = none, or SEV without IDR0.SEV:
+    /// nothing.
     fn complete_sync<M: GuestMemory>(&mut self, mem: &M, cmd: &RawCommand) {
         if cmd.sync_cs() != sync_cs::SIG_IRQ {
             return;
