@@ -17,6 +17,8 @@
 #                         machine's iommu=smmuv3 stands in for -device arm-smmuv3)
 #   VIOMMU_E2E_SMMU       user (default): the SMMUv3 is a fresh viommu-backend reached over a
 #                         Unix socket; inprocess: QEMU's own emulated SMMUv3
+#   VIOMMU_E2E_SHARED     on (default) or off: whether QEMU may use the shared region
+#                         (docs/protocol.md, section 10) with the backend, in user mode
 #   VIOMMU_BACKEND        viommu-backend binary for user mode (default: `cargo build --release
 #                         -p viommu-backend` in this repo, honouring CARGO_TARGET_DIR)
 #   VIOMMU_E2E_CACHE      cache dir outside the repo (default /var/cache/viommu-e2e)
@@ -27,7 +29,10 @@
 #   RUST_LOG              passed on to viommu-backend (user mode) when set
 #
 # Output (stdout): `ok NAME` or `FAIL NAME: reason` per test, a summary line
-# `e2e: mode=M boot=B s (guest uptime U s) disk-read=R MB/s`, then a last line `N passed, M failed`.
+# `e2e: mode=M boot=B s (guest uptime U s) disk-read=R MB/s`, in user mode also a line
+# `e2e: per 4 KiB page read: X socket messages (T TRANSLATE, C backend-channel)` from the
+# backend's status lines at the guest's marks around the reads, then a last line
+# `N passed, M failed`.
 # Step timings as `TIME <s> s: <step>` on stderr. A missing prerequisite prints one line starting
 # with `SKIPPED:` (the machine cannot provide it) or `ERROR:` (something broke) and no result line.
 # Exit status: 0 all passed (N > 0, M = 0); 1 tests failed; 2 ERROR; 77 SKIPPED.
@@ -53,6 +58,7 @@ CACHE=${VIOMMU_E2E_CACHE:-/var/cache/viommu-e2e}
 LAB_CACHE=${VIOMMU_LAB_CACHE:-/var/cache/viommu-lab-ci}
 TIMEOUT=${VIOMMU_E2E_TIMEOUT:-600}
 MODE=${VIOMMU_E2E_SMMU:-user}
+SHARED=${VIOMMU_E2E_SHARED:-on}
 DISK_MB=${VIOMMU_E2E_DISK_MB:-64}
 LINUX_SOURCE=linux-source-7.3
 GUEST_TESTS=(smmu-probe iommu-dma disk-sha256 disk-read virtio-net msi smmu-events)
@@ -68,6 +74,7 @@ case "$MODE" in
 user | inprocess) ;;
 *) error "VIOMMU_E2E_SMMU='$MODE' is neither user nor inprocess" ;;
 esac
+case "$SHARED" in on | off) ;; *) error "VIOMMU_E2E_SHARED='$SHARED' is neither on nor off" ;; esac
 [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || error "VIOMMU_E2E_TIMEOUT='$TIMEOUT' is not a number of seconds"
 [[ $DISK_MB =~ ^[1-9][0-9]*$ ]] || error "VIOMMU_E2E_DISK_MB='$DISK_MB' is not a number of MiB"
 SMMU_DEVICE=1   # -device arm-smmuv3 (QEMU >= 10.1) rather than -M virt,iommu=smmuv3
@@ -257,6 +264,7 @@ QEMU_ARGS=(-accel tcg,thread=multi -cpu max,pauth-impdef=on -smp 2 -m 1G
 # shellcheck disable=SC2054  # the commas belong to QEMU option values
 if [ "$MODE" = user ]; then
     BACKEND_LOG=$LOGS/backend.log
+    FIRST_BACKEND_LOG=$BACKEND_LOG
     "$BACKEND" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG" 2>&1 &
     BACKEND_PID=$!
     for _ in $(seq 100); do
@@ -272,7 +280,7 @@ if [ "$MODE" = user ]; then
     fi
     [ -S "$RUN/vsmmu.sock" ] || { tail_log backend; error "viommu-backend did not create $RUN/vsmmu.sock within 10 s (log $BACKEND_LOG)"; }
     QEMU_ARGS+=(-chardev "socket,id=vsmmu0,path=$RUN/vsmmu.sock,reconnect-ms=100"
-        -object viommu-user,id=vu0,chardev=vsmmu0 -qmp "unix:$RUN/qmp.sock,server=on,wait=off"
+        -object "viommu-user,id=vu0,chardev=vsmmu0,shared-region=$SHARED" -qmp "unix:$RUN/qmp.sock,server=on,wait=off"
         -M virt,gic-version=3,memory-backend=mem0
         -device arm-smmuv3,primary-bus=pcie.0,id=smmuv3.0,viommu=vu0)
 elif [ "$SMMU_DEVICE" = 1 ]; then
@@ -346,9 +354,36 @@ restart_backend() {
     [ "$(qmp cont)" = "{}" ] || { RESTART="QMP cont failed"; return; }
     RESTART=ok
 }
+# per_page_messages: socket messages per page read, from the two status lines count_reads asked
+per_page_messages() {
+    python3 - "$FIRST_BACKEND_LOG" $((3 * DISK_MB * 256)) <<'EOF'
+import re, sys
+lines = [l for l in open(sys.argv[1], errors="replace") if "status: state" in l][:2]
+def counts(line):
+    get = lambda pat: int(re.search(pat, line).group(1))
+    return (get(r"(\d+) messages \("), get(r"(\d+) translations"),
+            get(r"(\d+) backend-channel messages"))
+if len(lines) == 2:
+    (m0, t0, c0), (m1, t1, c1) = counts(lines[0]), counts(lines[1])
+    pages = int(sys.argv[2])
+    print("e2e: per 4 KiB page read: %.4f socket messages (%.4f TRANSLATE, %.4f backend-channel)"
+          % ((m1 - m0 + c1 - c0) / pages, (t1 - t0) / pages, (c1 - c0) / pages))
+else:
+    print("e2e: per 4 KiB page read: ? (no status lines at the marks)")
+EOF
+}
+# count_reads: the backend's status line (SIGUSR1) at the guest's marks around the disk reads
+count_reads() {
+    wait_line 600 '^E2E-MARK read-start' "$RUN/console.raw" || return 0
+    kill -USR1 "$BACKEND_PID" 2>/dev/null || return 0
+    wait_line 600 '^E2E-MARK read-end' "$RUN/console.raw" || return 0
+    kill -USR1 "$BACKEND_PID" 2>/dev/null || return 0
+    sleep 0.2
+}
 RESTART=""
 AT_RESTART=0
 if [ "$MODE" = user ] && [ -n "$BOOT" ]; then
+    count_reads
     restart_backend
 fi
 QEMU_RC=0
@@ -423,6 +458,7 @@ if [ -n "$BACKEND_PID" ]; then
                 fail backend "the session refused $refused messages and answered $translations translations (log $BACKEND_LOG)"
             else
                 echo "e2e: backend: $messages messages, $translations translations"
+                per_page_messages
                 pass backend
             fi
         fi

@@ -98,6 +98,17 @@ fn translations_are_cached_prefetched_and_cleared_before_the_sync_completes() {
         }
     );
     assert_eq!(qemu.sent().translates, before + 1);
+    // The backend prefetches after its reply: wait until it is done.
+    let shared = qemu.shared().unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while (0..8u64).any(|i| {
+        shared
+            .lookup(sid, None, iova + i * 0x1000, true, false)
+            .is_none()
+    }) {
+        assert!(std::time::Instant::now() < deadline, "not prefetched");
+        std::thread::yield_now();
+    }
     // Every other mapped page, above and below, was prefetched: no TRANSLATE.
     for (i, &pa) in pages.iter().enumerate() {
         assert_eq!(

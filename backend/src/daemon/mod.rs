@@ -107,18 +107,33 @@ fn readable_now(stream: &UnixStream) -> bool {
     matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
-/// Spins until `stream` is readable or `window` has passed. Returns whether it is readable.
-fn poll_for_next(stream: &UnixStream, window: Duration) -> bool {
+/// What arrived while the daemon spun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A message on the main connection.
+    Message,
+    /// Writes posted in the shared region.
+    Posted,
+    /// Nothing within the window.
+    Quiet,
+}
+
+/// Spins until a message or a posted write arrives, or `window` has passed. The ring is
+/// checked with a memory load, the connection with a poll.
+fn poll_for_next(session: &Session, window: Duration) -> Next {
     if window.is_zero() {
-        return false;
+        return Next::Quiet;
     }
     let start = Instant::now();
     loop {
-        if readable_now(stream) {
-            return true;
+        if session.writes_posted() {
+            return Next::Posted;
+        }
+        if readable_now(session.connection()) {
+            return Next::Message;
         }
         if start.elapsed() >= window {
-            return false;
+            return Next::Quiet;
         }
         std::hint::spin_loop();
     }
@@ -257,6 +272,9 @@ pub fn serve_connection(
                     }
                 }
                 TOKEN_KICK => {
+                    // No busy-poll after a kick: a guest's doorbells come one per unmap, far
+                    // apart, and spinning for them takes a CPU from its vCPU (measured: the
+                    // e2e disk read fell from 214 to 43 MB/s on 2 cores).
                     if let Err(err) = session.handle_kick() {
                         error!("session ended: {}", crate::error_chain(&err));
                         log_end(&session);
@@ -279,7 +297,7 @@ pub fn serve_connection(
                     log_end(&session);
                     return Ok(Served::Ended);
                 }
-                _ => match handle_burst(&mut session, options) {
+                _ => match handle_burst(&mut session, options, Next::Message) {
                     Ok(true) => {}
                     Ok(false) => {
                         info!("frontend disconnected");
@@ -297,15 +315,24 @@ pub fn serve_connection(
     }
 }
 
-/// Handles the message that woke the loop, then any that follow within the busy-poll window.
-fn handle_burst(session: &mut Session, options: &Options) -> Result<bool, SessionError> {
+/// Handles what woke the loop (a message, or writes posted in the shared region), then
+/// whatever follows within the busy-poll window.
+fn handle_burst(
+    session: &mut Session,
+    options: &Options,
+    mut next: Next,
+) -> Result<bool, SessionError> {
     loop {
-        if !session.handle_one()? {
-            return Ok(false);
+        match next {
+            Next::Message => {
+                if !session.handle_one()? {
+                    return Ok(false);
+                }
+            }
+            Next::Posted => session.drain_posted()?,
+            Next::Quiet => return Ok(true),
         }
-        if !poll_for_next(session.connection(), options.busy_poll) {
-            return Ok(true);
-        }
+        next = poll_for_next(session, options.busy_poll);
     }
 }
 

@@ -149,10 +149,13 @@ impl Session {
         {
             warn!("device {handle}: new vSID {sid:#x}: {e}");
         }
-        self.clear_streams(SidRange {
-            first: old,
-            last: old,
-        });
+        self.clear_cached(
+            Vec::new(),
+            &[SidRange {
+                first: old,
+                last: old,
+            }],
+        );
         let mut out = Vec::new();
         self.evaluate(&[handle], &mut out);
         self.send_backend(out)?;
@@ -214,6 +217,9 @@ impl Session {
     /// Asks the frontend where every device is now and records the answer. Returns the
     /// devices whose SID changed or could not be confirmed.
     pub(super) fn confirm_sids(&mut self) -> Result<Vec<u32>, ErrorReply> {
+        if self.channel.is_some() {
+            self.counters.channel_messages = self.counters.channel_messages.saturating_add(1);
+        }
         let answer = match self.channel.as_ref() {
             None => None,
             Some(channel) => match channel.call(&BackendRequest::GetDeviceSids) {

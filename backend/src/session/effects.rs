@@ -103,29 +103,30 @@ impl Session {
         let mut stale = Vec::new();
         let mut host_cmds: Vec<RawCmd> = Vec::new();
         let mut changed: Vec<SidRange> = Vec::new();
+        let mut cache_stale = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Irq(line) => self.pulse(line),
                 Effect::MsiWrite { address, data } => {
                     outgoing.push(BackendRequest::MsiWrite(MsiWrite { address, data }));
                 }
-                Effect::StreamsChanged(range) => {
-                    self.clear_streams(range);
-                    changed.push(range);
-                }
+                Effect::StreamsChanged(range) => changed.push(range),
                 // One address (a TLBI without a range): the translations containing it, of
                 // whatever size they were handed out.
                 Effect::TranslationsInvalidated { start, last } if start == last => {
-                    self.clear_translations(start, last);
+                    cache_stale.push((start, last));
                     stale.push(self.handed_out.containing(start));
                 }
                 Effect::TranslationsInvalidated { start, last } => {
-                    self.clear_translations(start, last);
+                    cache_stale.push((start, last));
                     stale.push((start, last));
                 }
                 Effect::HostInvalidate(cmd) => host_cmds.push([cmd.d0, cmd.d1]),
             }
         }
+        // The shared translation cache is cleaned in one pass for the whole batch, before the
+        // CMD_SYNC completes (docs/protocol.md, 10.6).
+        self.clear_cached(handed_out::coalesce(cache_stale), &changed);
         // The streams of the whole batch are re-evaluated together, after one confirmation of
         // the devices' SIDs.
         self.update_spaces(&changed, &mut outgoing)?;
@@ -160,6 +161,8 @@ impl Session {
             return Ok(());
         };
         let count = requests.len();
+        self.counters.channel_messages =
+            self.counters.channel_messages.saturating_add(count as u64);
         for (i, request) in requests.into_iter().enumerate() {
             let last = i.saturating_add(1) == count;
             let result = if last {

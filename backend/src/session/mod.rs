@@ -164,6 +164,8 @@ pub struct SessionCounters {
     pub refused: u64,
     /// TRANSLATE requests.
     pub translations: u64,
+    /// Requests the backend sent on the backend channel.
+    pub channel_messages: u64,
 }
 
 /// One frontend connection.
@@ -322,14 +324,16 @@ impl Session {
             .collect();
         let c = self.counters;
         let mut line = format!(
-            "state {}, features {:?}, {} device(s) [{}], {} messages ({} refused), {} translations",
+            "state {}, features {:?}, {} device(s) [{}], {} messages ({} refused), {} translations, \
+             {} backend-channel messages",
             self.phase,
             self.features,
             self.devices.len(),
             devices.join(", "),
             c.messages,
             c.refused,
-            c.translations
+            c.translations,
+            c.channel_messages
         );
         if let Some(smmu) = self.smmu.as_ref() {
             let m = smmu.counters();
@@ -392,8 +396,12 @@ impl Session {
         debug!("{name}");
         // Writes posted before this message come first (docs/protocol.md, 10.4).
         self.drain_posted()?;
+        // A TRANSLATE changes registers only through its effects, which publish themselves.
+        let translate = request.code() == viommu_protocol::frontend::code::TRANSLATE;
         let result = self.dispatch(request);
-        self.publish();
+        if !translate {
+            self.publish();
+        }
         if let Some(lost) = self.lost_ram() {
             return Err(lost);
         }
@@ -411,6 +419,7 @@ impl Session {
         self.conn
             .reply(token, result)
             .map_err(SessionError::Connection)?;
+        self.prefetch();
         if let Some(why) = self.channel_broken.take() {
             return Err(SessionError::ChannelBroken(why));
         }
@@ -430,6 +439,7 @@ impl Session {
         }
         let result = self.dispatch(request);
         self.publish();
+        self.prefetch();
         if let Some(lost) = self.lost_ram() {
             return Err(refuse(Status::INTERNAL, lost.to_string()));
         }

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use log::{info, warn};
+use log::info;
 use viommu_protocol::shared::{BackendSide, CachedTranslation, Region, SharedError};
 use viommu_protocol::types::{AccessSize, MmioAccess};
 use viommu_protocol::{ErrorReply, FrontendReply, Status};
@@ -14,13 +14,28 @@ use viommu_smmuv3::{SidRange, Translation};
 use super::{Phase, Session, SessionError, refuse};
 
 /// Pages probed on each side of a translation miss (section 10.6, prefetch).
-pub const PREFETCH_PAGES: u64 = 16;
+pub const PREFETCH_PAGES: u64 = 64;
+/// Of those above the miss, the ones filled before the reply: a device reads on upwards at
+/// once, faster than the backend could prefetch after replying.
+pub const PREFETCH_BEFORE_REPLY: u64 = 16;
 
 /// The session's shared region and its kick.
 #[derive(Debug)]
 pub(super) struct Shared {
     side: BackendSide,
     kick: OwnedFd,
+    /// The miss whose neighbours are prefetched once its reply is sent.
+    prefetch: Option<Miss>,
+}
+
+/// A TRANSLATE miss to prefetch around.
+#[derive(Debug, Clone, Copy)]
+struct Miss {
+    sid: u32,
+    ssid: Option<u32>,
+    iova: u64,
+    /// Whether the pages above the ones filled before the reply may be mapped too.
+    more_above: bool,
 }
 
 /// Counters of the shared region, for the status line.
@@ -74,6 +89,7 @@ impl Session {
         self.shared = Some(Shared {
             side: BackendSide::new(region),
             kick,
+            prefetch: None,
         });
         self.publish();
         info!("shared region set");
@@ -107,6 +123,11 @@ impl Session {
             Some(shared) => shared.side.prepare_to_sleep(),
             None => true,
         }
+    }
+
+    /// Whether the frontend posted writes not applied yet (a memory load, for busy-polling).
+    pub fn writes_posted(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.side.writes_posted())
     }
 
     /// After any wake-up: the frontend need not kick (10.4 step 3).
@@ -163,32 +184,26 @@ impl Session {
         }
     }
 
-    /// Clears the cache entries an invalidation of `[start, last]` (input addresses, any
-    /// stream) may have made stale.
-    pub(super) fn clear_translations(&mut self, start: u64, last: u64) {
+    /// Clears, in one pass, the cache entries that invalidations of the input `ranges` (any
+    /// stream) or of the `streams` may have made stale.
+    pub(super) fn clear_cached(&mut self, ranges: Vec<(u64, u64)>, streams: &[SidRange]) {
+        if ranges.is_empty() && streams.is_empty() {
+            return;
+        }
         if let Some(shared) = self.shared.as_mut() {
-            let n = shared
-                .side
-                .clear(|t| t.base <= last && t.base | t.mask() >= start);
+            let n = shared.side.clear(|t| {
+                ranges
+                    .iter()
+                    .any(|&(start, last)| t.base <= last && t.base | t.mask() >= start)
+                    || streams.iter().any(|r| (r.first..=r.last).contains(&t.sid))
+            });
             self.shared_counters.cache_clears =
                 self.shared_counters.cache_clears.saturating_add(n as u64);
         }
     }
 
-    /// Clears the cache entries of the streams in `range`.
-    pub(super) fn clear_streams(&mut self, range: SidRange) {
-        if let Some(shared) = self.shared.as_mut() {
-            let n = shared
-                .side
-                .clear(|t| (range.first..=range.last).contains(&t.sid));
-            self.shared_counters.cache_clears =
-                self.shared_counters.cache_clears.saturating_add(n as u64);
-        }
-    }
-
-    /// Fills the cache with a TRANSLATE answer, then prefetches the neighbouring pages that
-    /// translate (probes: no event is recorded), stopping in each direction at the first that
-    /// does not (10.6).
+    /// Fills the cache with a TRANSLATE answer (before the reply) and notes the miss, so that
+    /// [`Session::prefetch`] fills its neighbours once the reply is sent (10.6).
     pub(super) fn fill_translation(
         &mut self,
         sid: u32,
@@ -201,37 +216,66 @@ impl Session {
             return;
         }
         self.fill_one(sid, ssid, iova, tr, false);
+        let miss = Miss {
+            sid,
+            ssid,
+            iova,
+            more_above: false,
+        };
+        let done = self.probe_and_fill(miss, true, 1, PREFETCH_BEFORE_REPLY);
+        if let Some(shared) = self.shared.as_mut() {
+            shared.prefetch = Some(Miss {
+                more_above: done == Some(PREFETCH_BEFORE_REPLY),
+                ..miss
+            });
+        }
+    }
+
+    /// Probes pages `first..=last` above (or below) `miss` and fills those that translate,
+    /// stopping at the first that does not. Returns the last page filled (`None`: none).
+    fn probe_and_fill(&mut self, miss: Miss, up: bool, first: u64, last: u64) -> Option<u64> {
         let probe = AccessKind {
             read: false,
             write: false,
             exec: false,
             privileged: false,
         };
-        let page = iova & !0xfff;
-        for up in [true, false] {
-            for k in 1..=PREFETCH_PAGES {
-                let delta = k << 12;
-                let next = if up {
-                    page.checked_add(delta)
-                } else {
-                    page.checked_sub(delta)
-                };
-                let Some(next) = next else { break };
-                let (Some(smmu), ram) = (self.smmu.as_mut(), &self.ram) else {
-                    return;
-                };
-                match smmu.translate(ram, sid, ssid, next, probe) {
-                    Ok(t) if t.read || t.write => self.fill_one(sid, ssid, next, &t, true),
-                    _ => break,
+        let page = miss.iova & !0xfff;
+        let mut done = None;
+        for k in first..=last {
+            let delta = k << 12;
+            let next = if up {
+                page.checked_add(delta)
+            } else {
+                page.checked_sub(delta)
+            };
+            let Some(next) = next else { break };
+            let (Some(smmu), ram) = (self.smmu.as_mut(), &self.ram) else {
+                break;
+            };
+            match smmu.translate(ram, miss.sid, miss.ssid, next, probe) {
+                Ok(t) if t.read || t.write => {
+                    self.fill_one(miss.sid, miss.ssid, next, &t, true);
+                    done = Some(k);
                 }
+                _ => break,
             }
         }
-        // A probe records nothing; drop whatever bookkeeping effects it left.
-        if let Some(smmu) = self.smmu.as_mut()
-            && smmu.has_effects()
-        {
-            warn!("a prefetch probe produced effects; they are carried out");
+        done
+    }
+
+    /// Prefetch (10.6): after the reply to a miss, fills the entries of the neighbouring pages
+    /// that translate, probing them (no event is recorded) up to [`PREFETCH_PAGES`] above and
+    /// below, and stopping in each direction at the first that does not. The frontend waits
+    /// for none of it.
+    pub fn prefetch(&mut self) {
+        let Some(miss) = self.shared.as_mut().and_then(|s| s.prefetch.take()) else {
+            return;
+        };
+        if miss.more_above {
+            self.probe_and_fill(miss, true, PREFETCH_BEFORE_REPLY + 1, PREFETCH_PAGES);
         }
+        self.probe_and_fill(miss, false, 1, PREFETCH_PAGES);
     }
 
     fn fill_one(
@@ -266,6 +310,6 @@ impl Session {
 
     /// Clears every cache entry (RESET, SET_STATE).
     pub(super) fn clear_all_translations(&mut self) {
-        self.clear_translations(0, u64::MAX);
+        self.clear_cached(vec![(0, u64::MAX)], &[]);
     }
 }

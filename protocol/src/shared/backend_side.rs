@@ -29,6 +29,8 @@ pub struct BackendSide {
     /// Times the backend announced a sleep: the value of `backend_idle` while asleep.
     sleeps: u32,
     tc: Vec<TcEntry>,
+    /// Entries of `tc` holding a translation.
+    live: usize,
 }
 
 /// The next even sequence count after `seq`, skipping 0 ("never written").
@@ -54,6 +56,7 @@ impl BackendSide {
             published: false,
             write_cons,
             sleeps: 0,
+            live: 0,
             tc: vec![
                 TcEntry {
                     seq: 0,
@@ -127,6 +130,12 @@ impl BackendSide {
         }))
     }
 
+    /// Whether `write_prod` moved past the writes applied (a relaxed load: for polling only;
+    /// [`BackendSide::next_write`] orders the entries' loads).
+    pub fn writes_posted(&self) -> bool {
+        self.u32(off::WRITE_PROD).load(Ordering::Relaxed) != self.write_cons
+    }
+
     /// The write [`BackendSide::next_write`] returned is applied completely.
     pub fn complete_write(&mut self) {
         self.write_cons = self.write_cons.wrapping_add(1);
@@ -171,33 +180,41 @@ impl BackendSide {
         let index = tcache::tc_index(t.sid, t.ssid, page_iova);
         let (flags, iova, out) = t.encode();
         self.write_entry(index, flags, t.sid, t.ssid.unwrap_or(0), iova, out);
-        if let Some(e) = self.tc.get_mut(index) {
-            e.translation = Some(t);
+        if let Some(e) = self.tc.get_mut(index)
+            && e.translation.replace(t).is_none()
+        {
+            self.live += 1;
         }
     }
 
-    /// Clears every entry whose translation `stale` says may be stale; returns how many.
+    /// Clears every entry whose translation `stale` says may be stale; returns how many. Costs
+    /// nothing while the cache is empty.
     pub fn clear(&mut self, stale: impl Fn(&CachedTranslation) -> bool) -> usize {
-        let stale: Vec<usize> = (0..TC_ENTRIES)
-            .filter(|&i| {
-                self.tc
-                    .get(i)
-                    .and_then(|e| e.translation.as_ref())
-                    .is_some_and(&stale)
-            })
-            .collect();
-        for &index in &stale {
-            self.write_entry(index, 0, 0, 0, 0, 0);
-            if let Some(e) = self.tc.get_mut(index) {
-                e.translation = None;
+        if self.live == 0 {
+            return 0;
+        }
+        let mut cleared = 0;
+        for index in 0..TC_ENTRIES {
+            let hit = self
+                .tc
+                .get(index)
+                .and_then(|e| e.translation.as_ref())
+                .is_some_and(&stale);
+            if hit {
+                self.write_entry(index, 0, 0, 0, 0, 0);
+                if let Some(e) = self.tc.get_mut(index) {
+                    e.translation = None;
+                }
+                cleared += 1;
             }
         }
-        stale.len()
+        self.live = self.live.saturating_sub(cleared);
+        cleared
     }
 
     /// Entries holding a translation.
     pub fn cached(&self) -> usize {
-        self.tc.iter().filter(|e| e.translation.is_some()).count()
+        self.live
     }
 
     fn write_entry(&mut self, index: usize, flags: u32, sid: u32, ssid: u32, iova: u64, out: u64) {
