@@ -183,7 +183,7 @@ impl BackendSide {
         if let Some(e) = self.tc.get_mut(index)
             && e.translation.replace(t).is_none()
         {
-            self.live += 1;
+            self.live = self.live.saturating_add(1);
         }
     }
 
@@ -193,7 +193,7 @@ impl BackendSide {
         if self.live == 0 {
             return 0;
         }
-        let mut cleared = 0;
+        let mut cleared: usize = 0;
         for index in 0..TC_ENTRIES {
             let hit = self
                 .tc
@@ -205,7 +205,7 @@ impl BackendSide {
                 if let Some(e) = self.tc.get_mut(index) {
                     e.translation = None;
                 }
-                cleared += 1;
+                cleared = cleared.saturating_add(1);
             }
         }
         self.live = self.live.saturating_sub(cleared);
