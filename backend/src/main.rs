@@ -62,6 +62,11 @@ struct Args {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll_us: u64,
 
+    /// After applying writes posted in the shared region, watch the ring this many microseconds
+    /// for the next one before sleeping (0: never). Example: --ring-poll-us 10
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    ring_poll_us: u64,
+
     /// Largest output address size a frontend may configure (IDR5.OAS): 32, 36, 40, 42, 44 or
     /// 48. Example: --max-oas-bits 44
     #[arg(long, value_name = "BITS", default_value_t = 48, value_parser = parse_oas)]
@@ -192,6 +197,7 @@ fn limits(args: &Args) -> ModelLimits {
 fn run(args: &Args) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
+        ring_poll: std::time::Duration::from_micros(args.ring_poll_us),
         session: SessionOptions {
             limits: limits(args),
             ..Default::default()

@@ -122,6 +122,7 @@ fn spawn_daemon(host: &Shared) -> (UnixStream, JoinHandle<()>, OwnedFd) {
     let factory_host = host.clone();
     let options = Options {
         busy_poll: Duration::ZERO,
+        ring_poll: Duration::ZERO,
         session: SessionOptions {
             host: Arc::new(move |_fd| Ok(Box::new(factory_host.clone()) as Box<dyn HostIommu>)),
             ..SessionOptions::default()
