@@ -16,7 +16,7 @@ pub mod ram;
 pub mod scenario;
 pub mod shared;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,8 @@ pub struct MockQemu {
     channel: Option<ChannelServer>,
     state: Arc<Mutex<ChannelState>>,
     devices: BTreeMap<u32, u32>,
+    /// Devices whose UNMAP_NOTIFY the backend was told of (shared region).
+    notified: BTreeSet<u32>,
     sent: Sent,
     /// Whether to set up the shared region when it is negotiated.
     use_shared: bool,
@@ -119,6 +121,7 @@ impl MockQemu {
             channel: None,
             state: Arc::default(),
             devices: BTreeMap::new(),
+            notified: BTreeSet::new(),
             sent: Sent::default(),
             use_shared: shared::wanted_by_default(),
             shared: None,
@@ -250,15 +253,30 @@ impl MockQemu {
     /// ATTACH_DEVICE of an emulated device; the backend channel will answer RESOLVE_SID for
     /// `sid` with `handle` from now on.
     pub fn attach(&mut self, handle: u32, sid: u32) -> anyhow::Result<()> {
-        self.set_sid(handle, sid);
-        self.main
-            .call(&FrontendRequest::AttachDevice(AttachDevice {
-                handle,
-                sid,
-                passthrough: None,
-            }))
-            .with_context(|| format!("ATTACH_DEVICE {handle}"))?;
-        Ok(())
+        self.attach_device(AttachDevice {
+            handle,
+            sid,
+            passthrough: None,
+        })
+        .with_context(|| format!("ATTACH_DEVICE {handle}"))
+    }
+
+    /// ATTACH_DEVICE. The channel answers for the device while the backend attaches it; a
+    /// refused attach leaves what the mock knew (an attached handle keeps its SID).
+    fn attach_device(&mut self, attach: AttachDevice) -> anyhow::Result<()> {
+        let handle = attach.handle;
+        let before = self.record_sid(handle, Some(attach.sid));
+        match self.main.call(&FrontendRequest::AttachDevice(attach)) {
+            Ok(_) => {
+                // UNMAP_NOTIFY starts clear on every attachment (docs/protocol.md, 10.8).
+                self.notified.remove(&handle);
+                Ok(())
+            }
+            Err(e) => {
+                self.record_sid(handle, before);
+                Err(e.into())
+            }
+        }
     }
 
     /// SET_IOMMUFD: the frontend's iommufd (any fd, for a backend with a host double).
@@ -279,18 +297,15 @@ impl MockQemu {
         s2_hwpt_id: u32,
         cdev: OwnedFd,
     ) -> anyhow::Result<()> {
-        self.set_sid(handle, sid);
-        self.main
-            .call(&FrontendRequest::AttachDevice(AttachDevice {
-                handle,
-                sid,
-                passthrough: Some(viommu_protocol::Passthrough {
-                    ids: viommu_protocol::PassthroughIds { devid, s2_hwpt_id },
-                    cdev,
-                }),
-            }))
-            .with_context(|| format!("ATTACH_DEVICE {handle} (passthrough)"))?;
-        Ok(())
+        self.attach_device(AttachDevice {
+            handle,
+            sid,
+            passthrough: Some(viommu_protocol::Passthrough {
+                ids: viommu_protocol::PassthroughIds { devid, s2_hwpt_id },
+                cdev,
+            }),
+        })
+        .with_context(|| format!("ATTACH_DEVICE {handle} (passthrough)"))
     }
 
     /// The guest renumbered a bus: the device is at `sid` now (QEMU computes this from the
@@ -299,23 +314,40 @@ impl MockQemu {
     /// With the shared region the SID is pushed (UPDATE_DEVICE) at once, before any later
     /// register write, as QEMU pushes it before it posts the next one.
     pub fn set_sid(&mut self, handle: u32, sid: u32) {
-        let mut state = self.channel_state();
-        state.sids.retain(|_, &mut h| h != handle);
-        state.sids.insert(sid, handle);
-        drop(state);
         let moved = self
-            .devices
-            .insert(handle, sid)
+            .record_sid(handle, Some(sid))
             .is_some_and(|old| old != sid);
+        let mut flags = viommu_protocol::types::DeviceFlags::empty();
+        flags.set(
+            viommu_protocol::types::DeviceFlags::UNMAP_NOTIFY,
+            self.notified.contains(&handle),
+        );
         if moved
             && self.shared.is_some()
-            && let Err(e) = self.update_device(handle, viommu_protocol::types::DeviceFlags::empty())
+            && let Err(e) = self.update_device(handle, flags)
         {
             log::warn!("UPDATE_DEVICE {handle}: {e:#}");
         }
     }
 
-    /// UPDATE_DEVICE: pushes a device's SID as the mock knows it, with `flags`.
+    /// Where the mock (and its channel) puts the device now: at `sid`, or nowhere. Returns the
+    /// SID it had.
+    fn record_sid(&mut self, handle: u32, sid: Option<u32>) -> Option<u32> {
+        let mut state = self.channel_state();
+        state.sids.retain(|_, &mut h| h != handle);
+        if let Some(sid) = sid {
+            state.sids.insert(sid, handle);
+        }
+        drop(state);
+        match sid {
+            Some(sid) => self.devices.insert(handle, sid),
+            None => self.devices.remove(&handle),
+        }
+    }
+
+    /// UPDATE_DEVICE: pushes a device's SID as the mock knows it, with `flags`. With
+    /// UNMAP_NOTIFY the device's translations go to a notifier's consumer that keeps them
+    /// (vhost's device IOTLB): see [`MockQemu::translate`].
     pub fn update_device(
         &mut self,
         handle: u32,
@@ -328,7 +360,25 @@ impl MockQemu {
         self.main
             .call(&FrontendRequest::UpdateDevice { handle, sid, flags })
             .with_context(|| format!("UPDATE_DEVICE {handle}"))?;
+        if flags.contains(viommu_protocol::types::DeviceFlags::UNMAP_NOTIFY) {
+            self.notified.insert(handle);
+        } else if self.notified.remove(&handle) {
+            // The consumer is gone, and the backend stops invalidating what it kept.
+            self.forget_translations(handle);
+        }
         Ok(())
+    }
+
+    /// Drops what the mock's own cache holds for `handle`.
+    fn forget_translations(&self, handle: u32) {
+        self.channel_state()
+            .cache
+            .invalidate(&viommu_protocol::IotlbInvalidate {
+                handle: Some(handle),
+                ssid: None,
+                start: 0,
+                last: u64::MAX,
+            });
     }
 
     /// DETACH_DEVICE.
@@ -336,8 +386,9 @@ impl MockQemu {
         self.main
             .call(&FrontendRequest::DetachDevice { handle })
             .with_context(|| format!("DETACH_DEVICE {handle}"))?;
-        self.devices.remove(&handle);
-        self.channel_state().sids.retain(|_, &mut h| h != handle);
+        self.record_sid(handle, None);
+        self.notified.remove(&handle);
+        self.forget_translations(handle);
         Ok(())
     }
 
@@ -353,6 +404,11 @@ impl MockQemu {
 
     /// A DMA translation as QEMU's `address_space_*` does it through the vSMMU's IOMMU
     /// memory region: the cache first, then TRANSLATE; the result is cached.
+    ///
+    /// With the shared region the cache is the backend's (docs/protocol.md, 10.6), except for
+    /// a device with UNMAP_NOTIFY: its translations go to a notifier's consumer that keeps
+    /// them (vhost's device IOTLB), which the mock's own cache stands for. That consumer takes
+    /// only TRANSLATE answers, the ones the backend invalidates by message (section 8.3).
     pub fn translate(
         &mut self,
         handle: u32,
@@ -364,7 +420,6 @@ impl MockQemu {
             .devices
             .get(&handle)
             .with_context(|| format!("no device {handle}"))?;
-        let needs = perm_for(access);
         // SYSTEM, as QEMU's fast path has it: only while the device is at the SID the backend
         // decided for.
         let system = {
@@ -379,30 +434,9 @@ impl MockQemu {
                 cached: true,
             });
         }
-        if let Some(shared) = self.shared.as_ref()
-            && !access.contains(Access::PRIV)
-            && !access.contains(Access::EXEC)
-            && let Some(gpa) = shared.lookup(
-                sid,
-                ssid,
-                iova,
-                needs.contains(viommu_protocol::Perm::READ),
-                needs.contains(viommu_protocol::Perm::WRITE),
-            )
-        {
+        if let Some(gpa) = self.lookup_cached(handle, sid, ssid, iova, access) {
             self.sent.cache_hits = self.sent.cache_hits.saturating_add(1);
             return Ok(Dma::Address { gpa, cached: true });
-        }
-        let cached = self.channel_state().cache.lookup(handle, ssid, iova);
-        if let Some((start, hit)) = cached
-            && hit.perm.contains(needs)
-            && hit.sid == sid
-        {
-            self.sent.cache_hits = self.sent.cache_hits.saturating_add(1);
-            return Ok(Dma::Address {
-                gpa: hit.addr | (iova.wrapping_sub(start)),
-                cached: true,
-            });
         }
         self.sent.translates = self.sent.translates.saturating_add(1);
         let reply = self
@@ -420,8 +454,7 @@ impl MockQemu {
                 perm,
             }) => {
                 let start = iova & !addr_mask;
-                // With the shared region the backend keeps the cache (docs/protocol.md, 10.6).
-                if self.shared.is_some() {
+                if !self.keeps_own(handle) {
                     return Ok(Dma::Address {
                         gpa: addr | (iova & addr_mask),
                         cached: false,
@@ -446,6 +479,55 @@ impl MockQemu {
             FrontendReply::Translate(TranslateReply::Fault { event }) => Ok(Dma::Fault { event }),
             other => bail!("TRANSLATE answered with {other:?}"),
         }
+    }
+
+    /// Whether the frontend keeps `handle`'s translations itself: without the shared region,
+    /// or for a device with UNMAP_NOTIFY.
+    fn keeps_own(&self, handle: u32) -> bool {
+        self.shared.is_none() || self.notified.contains(&handle)
+    }
+
+    /// Where `access` at `iova` goes if a cache answers it without a message (see
+    /// [`MockQemu::translate`]).
+    fn lookup_cached(
+        &self,
+        handle: u32,
+        sid: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        access: Access,
+    ) -> Option<u64> {
+        let needs = perm_for(access);
+        if self.keeps_own(handle) {
+            let (start, hit) = self.channel_state().cache.lookup(handle, ssid, iova)?;
+            return (hit.perm.contains(needs) && hit.sid == sid)
+                .then_some(hit.addr | iova.wrapping_sub(start));
+        }
+        if access.intersects(Access::PRIV | Access::EXEC) {
+            return None;
+        }
+        self.shared.as_ref()?.lookup(
+            sid,
+            ssid,
+            iova,
+            needs.contains(viommu_protocol::Perm::READ),
+            needs.contains(viommu_protocol::Perm::WRITE),
+        )
+    }
+
+    /// Whether [`MockQemu::translate`] would answer `access` at `iova` from a cache now, without
+    /// a message (the SYSTEM fast path aside). Asks nothing.
+    pub fn holds_translation(
+        &self,
+        handle: u32,
+        ssid: Option<u32>,
+        iova: u64,
+        access: Access,
+    ) -> bool {
+        self.devices.get(&handle).is_some_and(|&sid| {
+            self.lookup_cached(handle, sid, ssid, iova, access)
+                .is_some()
+        })
     }
 
     /// A device's DMA write of `data` at `iova` (within one page). Returns where it landed.

@@ -11,9 +11,11 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use viommu_protocol::types::DeviceFlags;
 use viommu_protocol::{
     Access, AddressSpace, Error, FrontendReply, FrontendRequest, IrqIndex, MemRegion, Status,
 };
+use viommu_tests::channel::Notification;
 use viommu_tests::guest::cmd::CmdEnt;
 use viommu_tests::guest::event::id;
 use viommu_tests::guest::pgtable::{Granule, prot};
@@ -21,7 +23,7 @@ use viommu_tests::guest::regs::{ARM_SMMU_CMDQ_CONS, ARM_SMMU_GERROR, ARM_SMMU_GE
 use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig, DriverError};
 use viommu_tests::port::SocketPort;
 use viommu_tests::ram::MemfdRam;
-use viommu_tests::scenario::{self, ALLOC_START, DEVICES, RAM_SIZE, default_config};
+use viommu_tests::scenario::{self, ALLOC_START, DEVICES, Device, RAM_SIZE, default_config};
 use viommu_tests::{BackendProcess, Dma, MockQemu, PrivateDaemon, backend_binary_built};
 
 /// The daemon of these tests, with what they look at.
@@ -78,6 +80,13 @@ fn started(daemon: &Daemon) -> MockQemu {
     qemu
 }
 
+/// IOTLB_INVALIDATE messages in `log`.
+fn invalidations(log: &[Notification]) -> usize {
+    log.iter()
+        .filter(|n| matches!(n, Notification::Invalidate { .. }))
+        .count()
+}
+
 fn remote_status(err: &anyhow::Error) -> Option<Status> {
     match err.downcast_ref::<Error>() {
         Some(Error::Remote { status, .. }) => Some(*status),
@@ -99,7 +108,15 @@ fn linux_boot_session_and_a_second_session_from_reset() {
         assert_eq!(report.events[0].id(), id::F_TRANSLATION);
         assert_eq!(report.evtq_irqs, 1);
         assert_eq!(report.msi_writes, 1);
-        assert!(report.sid_confirmations >= 1);
+        if qemu.shared().is_some() {
+            // SIDs are pushed (UPDATE_DEVICE), never asked for; no device asked for unmap
+            // notifications, so the backend's own cache clearing needed no message.
+            assert_eq!(report.sid_confirmations, 0);
+            assert_eq!(report.invalidations, 0);
+        } else {
+            assert!(report.sid_confirmations >= 1);
+            assert!(report.invalidations >= 1);
+        }
         // Attach (3 x system), SMMUEN (3 x translated), RESET (3 x system).
         assert_eq!(report.address_space_changes, 9);
         qemu.close().unwrap();
@@ -110,6 +127,7 @@ fn linux_boot_session_and_a_second_session_from_reset() {
 fn translations_for_every_granule_and_invalidation_notifications() {
     let daemon = Daemon::start("granules");
     let mut qemu = started(&daemon);
+    let shared = qemu.shared().is_some();
     let mut d = guest_on(&mut qemu);
     d.reset().unwrap();
     for (i, granule) in [Granule::G4K, Granule::G16K, Granule::G64K]
@@ -137,13 +155,13 @@ fn translations_for_every_granule_and_invalidation_notifications() {
                 cached: false
             }
         );
-        assert_eq!(
-            qemu.translate(handle, None, iova + size + 16, Access::READ)
-                .unwrap(),
-            Dma::Address {
-                gpa: a + 16,
-                cached: false
-            }
+        // The backend's shared cache may have prefetched the mapped page above the miss.
+        let dma = qemu
+            .translate(handle, None, iova + size + 16, Access::READ)
+            .unwrap();
+        assert!(
+            matches!(dma, Dma::Address { gpa, cached } if gpa == a + 16 && (shared || !cached)),
+            "{granule:?}: {dma:?}"
         );
         // Writing a read-only page: F_PERMISSION.
         qemu.channel_state().cache = Default::default();
@@ -154,17 +172,34 @@ fn translations_for_every_granule_and_invalidation_notifications() {
                 event: id::F_PERMISSION
             }
         );
-        // TLBI_NH_ASID drops everything the frontend cached for this device.
+        // TLBI_NH_ASID drops everything the frontend cached for this device: by
+        // IOTLB_INVALIDATE, or, with the shared region, by the backend clearing its cache
+        // before the CMD_SYNC completes, without a message.
         qemu.translate(handle, None, iova, Access::READ).unwrap();
-        assert!(!qemu.channel_state().cache.is_empty());
+        assert!(qemu.holds_translation(handle, None, iova, Access::READ));
+        let log = qemu.channel_state().log.len();
         d.issue_cmd_with_sync(CmdEnt::TlbiNhAsid {
             vmid: 0,
             asid: domain.asid,
         })
         .unwrap();
-        assert!(
-            qemu.channel_state().cache.is_empty(),
-            "{granule:?}: cache not invalidated"
+        for page in [iova, iova + size] {
+            assert!(
+                !qemu.holds_translation(handle, None, page, Access::READ),
+                "{granule:?}: {page:#x} not invalidated"
+            );
+        }
+        assert!(qemu.channel_state().cache.is_empty());
+        let messages = invalidations(&qemu.channel_state().log[log..]);
+        assert_eq!(messages, usize::from(!shared), "{granule:?}");
+        // The next access asks again, and finds the mapping still there.
+        assert_eq!(
+            qemu.translate(handle, None, iova + 8, Access::WRITE)
+                .unwrap(),
+            Dma::Address {
+                gpa: b + 8,
+                cached: false
+            }
         );
         d.evtq_thread().unwrap();
     }
@@ -559,6 +594,27 @@ fn no_fd_leak_in_the_daemon_after_many_sessions() {
     );
 }
 
+/// With the shared region, a second device, with UNMAP_NOTIFY, on `dev`'s STE (copied to its
+/// own SID): the frontend keeps its translations and hears of their invalidation by message.
+/// Returns the device whose translations the frontend keeps (`dev` itself without the region)
+/// and the one whose translations only the backend's shared cache holds (none without).
+fn keeper_of(qemu: &mut MockQemu, d: &mut Guest, dev: Device) -> (u32, Option<u32>) {
+    if qemu.shared().is_none() {
+        return (dev.handle, None);
+    }
+    let twin = DEVICES[1];
+    assert_ne!(twin.handle, dev.handle);
+    qemu.attach(twin.handle, twin.sid).unwrap();
+    qemu.update_device(twin.handle, DeviceFlags::UNMAP_NOTIFY)
+        .unwrap();
+    let ste = d.read_ste(dev.sid).unwrap();
+    d.write_ste(twin.sid, &ste).unwrap();
+    (twin.handle, Some(dev.handle))
+}
+
+/// IOTLB_INVALIDATE goes only where the frontend may have cached a TRANSLATE answer,
+/// coalesced, each page whole. With the shared region the device without UNMAP_NOTIFY needs
+/// none: the same TLBIs clear its entries in the backend's cache.
 #[test]
 fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
     let daemon = Daemon::start("handedout");
@@ -571,31 +627,36 @@ fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
     let buf = d.alloc_zeroed(0x40000, 0x1000).unwrap();
     d.map_range(&pt, dev.iova, buf, 0x40000, prot::RW).unwrap();
     let domain = d.attach_s1(dev.sid, pt, dev.asid).unwrap();
-    let invalidations = |q: &MockQemu| {
-        q.channel_state()
-            .log
+    let (keeper, other) = keeper_of(&mut qemu, &mut d, dev);
+    let handles: Vec<u32> = std::iter::once(keeper).chain(other).collect();
+    let page = |i: u64| dev.iova + i * 0x1000;
+    let held = |q: &MockQemu, i: u64| {
+        handles
             .iter()
-            .filter(|n| matches!(n, viommu_tests::channel::Notification::Invalidate { .. }))
+            .filter(|&&h| q.holds_translation(h, None, page(i), Access::READ))
             .count()
     };
-    let before = invalidations(&qemu);
+    let messages = |q: &MockQemu| invalidations(&q.channel_state().log);
+    let before = messages(&qemu);
     // Nothing translated yet: a TLBI of everything needs no message.
     d.issue_cmd_with_sync(CmdEnt::TlbiNhAll { vmid: 0 })
         .unwrap();
-    assert_eq!(invalidations(&qemu), before);
-    // Two pages translated (and cached by the frontend).
-    for page in [0u64, 5] {
-        qemu.translate(dev.handle, None, dev.iova + page * 0x1000, Access::READ)
-            .unwrap();
+    assert_eq!(messages(&qemu), before);
+    // Two pages translated by each device (and cached).
+    for i in [0u64, 5] {
+        for &h in &handles {
+            qemu.translate(h, None, page(i), Access::READ).unwrap();
+        }
+        assert_eq!(held(&qemu, i), handles.len(), "page {i}");
     }
-    assert_eq!(qemu.channel_state().cache.len(), 2);
+    assert_eq!(qemu.channel_state().cache.len(), 2, "the keeper's");
     // Unmapping 64 pages of which the frontend cached two: the 64 TLBIs reach it as one
     // message, and both cached pages go.
     let cmds: Vec<CmdEnt> = (0..64u64)
         .map(|i| {
             CmdEnt::TlbiNhVa(viommu_tests::guest::cmd::Tlbi {
                 asid: domain.asid,
-                addr: dev.iova + i * 0x1000,
+                addr: page(i),
                 leaf: true,
                 ..Default::default()
             })
@@ -603,32 +664,34 @@ fn invalidations_reach_the_frontend_only_for_what_it_may_have_cached() {
         .collect();
     d.issue_cmds_with_sync(&cmds).unwrap();
     assert_eq!(
-        invalidations(&qemu),
+        messages(&qemu),
         before + 1,
         "one coalesced message: {:x?}",
         qemu.channel_state().log
     );
     assert!(qemu.channel_state().cache.is_empty());
+    for i in 0..64u64 {
+        assert_eq!(held(&qemu, i), 0, "page {i} still cached");
+    }
     // The message covers the 64 pages the guest invalidated, each whole (issue 12: not the
     // one byte at each TLBI's address).
     let last_inv = qemu.channel_state().log.iter().rev().find_map(|n| match n {
-        viommu_tests::channel::Notification::Invalidate { inv, .. } => Some(*inv),
+        Notification::Invalidate { inv, .. } => Some(*inv),
         _ => None,
     });
     let inv = last_inv.unwrap();
-    assert_eq!(
-        (inv.start, inv.last),
-        (dev.iova, dev.iova + 64 * 0x1000 - 1)
-    );
+    assert_eq!((inv.start, inv.last), (page(0), page(64) - 1));
     // The same again: nothing is cached any more, so no message.
     d.issue_cmds_with_sync(&cmds).unwrap();
-    assert_eq!(invalidations(&qemu), before + 1);
+    assert_eq!(messages(&qemu), before + 1);
     // A page outside the invalidated range stays cached through an unrelated TLBI.
-    qemu.translate(dev.handle, None, dev.iova + 0x3f000, Access::READ)
-        .unwrap();
+    for &h in &handles {
+        qemu.translate(h, None, page(0x3f), Access::READ).unwrap();
+    }
     d.issue_cmds_with_sync(&cmds[..8]).unwrap();
-    assert_eq!(invalidations(&qemu), before + 1);
+    assert_eq!(messages(&qemu), before + 1);
     assert_eq!(qemu.channel_state().cache.len(), 1);
+    assert_eq!(held(&qemu, 0x3f), handles.len());
     assert!(d.port.take_error().is_none());
     qemu.close().unwrap();
 }
@@ -810,6 +873,7 @@ fn an_attach_whose_announcement_goes_unanswered_fails_and_leaves_nothing() {
 /// A TLBI by address without a range (TG = 0) invalidates the translation that contains the
 /// address, whatever its size: with a 64 KiB granule the frontend hears of the whole 64 KiB
 /// page (issue 12), so an IOMMU notifier that unmaps exactly `[start, last]` drops all of it.
+/// With the shared region, the backend's cache loses every page of it too.
 #[test]
 fn a_tlbi_by_address_invalidates_the_whole_translation_around_it() {
     let daemon = Daemon::start("tlbi-va-64k");
@@ -823,8 +887,23 @@ fn a_tlbi_by_address_invalidates_the_whole_translation_around_it() {
     let iova = 0x8000_0000u64;
     d.map(&pt, iova, buf, 0x10000, prot::RW).unwrap();
     let domain = d.attach_s1(dev.sid, pt, dev.asid).unwrap();
-    qemu.translate(dev.handle, None, iova + 0x4321, Access::READ)
-        .unwrap();
+    let (keeper, other) = keeper_of(&mut qemu, &mut d, dev);
+    let handles: Vec<u32> = std::iter::once(keeper).chain(other).collect();
+    for &h in &handles {
+        qemu.translate(h, None, iova + 0x4321, Access::READ)
+            .unwrap();
+    }
+    // Each device's translation is cached: the shared cache enters it in the slot of the page
+    // asked for (and maybe of others, prefetched). The TLBI's address is in another page.
+    for &h in &handles {
+        assert!(qemu.holds_translation(h, None, iova + 0x4000, Access::READ));
+    }
+    let held = |q: &MockQemu| {
+        (0..16u64)
+            .flat_map(|p| handles.iter().map(move |&h| (h, iova + p * 0x1000)))
+            .filter(|&(h, a)| q.holds_translation(h, None, a, Access::READ))
+            .count()
+    };
     let before = qemu.channel_state().log.len();
     d.issue_cmd_with_sync(CmdEnt::TlbiNhVa(viommu_tests::guest::cmd::Tlbi {
         asid: domain.asid,
@@ -836,13 +915,12 @@ fn a_tlbi_by_address_invalidates_the_whole_translation_around_it() {
     let invs: Vec<_> = qemu.channel_state().log[before..]
         .iter()
         .filter_map(|n| match n {
-            viommu_tests::channel::Notification::Invalidate { inv, dropped } => {
-                Some((inv.start, inv.last, *dropped))
-            }
+            Notification::Invalidate { inv, dropped } => Some((inv.start, inv.last, *dropped)),
             _ => None,
         })
         .collect();
     assert_eq!(invs, vec![(iova, iova + 0xffff, 1)]);
+    assert_eq!(held(&qemu), 0, "a page of the block is still cached");
     assert!(d.port.take_error().is_none());
     qemu.close().unwrap();
 }

@@ -120,6 +120,8 @@ enum Next {
     Posted,
     /// Nothing within the window.
     Quiet,
+    /// A message, if the connection is readable now.
+    IfReadable,
 }
 
 /// Spins until a message or a posted write arrives, or `window` has passed. The ring is
@@ -312,7 +314,9 @@ pub fn serve_connection(
                     log_end(&session);
                     return Ok(Served::Ended);
                 }
-                _ => match handle_burst(&mut session, options, Next::Message) {
+                // A kick's ring-poll window earlier in this batch of events may have served
+                // the message this event announced: look again rather than block in recv.
+                _ => match handle_burst(&mut session, options, Next::IfReadable) {
                     Ok(true) => {}
                     Ok(false) => {
                         info!("frontend disconnected");
@@ -345,7 +349,12 @@ fn handle_burst(
                 }
             }
             Next::Posted => session.drain_posted()?,
-            Next::Quiet => return Ok(true),
+            Next::IfReadable if readable_now(session.connection()) => {
+                if !session.handle_one()? {
+                    return Ok(false);
+                }
+            }
+            Next::Quiet | Next::IfReadable => return Ok(true),
         }
         next = poll_for_next(session, options.busy_poll);
     }

@@ -72,8 +72,10 @@ impl Session {
                     let notify = device.is_some_and(|(_, d)| d.unmap_notify);
                     if self.shared.is_none() || notify {
                         self.handed_out.record(handle, start, start | mask);
+                    } else {
+                        // A device with UNMAP_NOTIFY never uses the cache (10.6).
+                        self.fill_translation(t.sid, t.ssid, t.iova, access, &tr);
                     }
-                    self.fill_translation(t.sid, t.ssid, t.iova, access, &tr);
                     TranslateReply::Translated {
                         addr: tr.output_base,
                         addr_mask: mask,
