@@ -60,6 +60,16 @@ impl SharedFrontend {
         Ok((me, region_fd, theirs))
     }
 
+    /// Another fd of the region (to corrupt it on purpose, in tests of a hostile frontend).
+    pub fn region_fd(&self) -> anyhow::Result<OwnedFd> {
+        self.side
+            .borrow()
+            .region()
+            .fd()
+            .try_clone_to_owned()
+            .context("dup region")
+    }
+
     /// Counters.
     pub fn sent(&self) -> SharedSent {
         *self.counters.borrow()

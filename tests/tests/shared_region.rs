@@ -242,3 +242,66 @@ fn notified_devices_hear_of_unmaps_and_sids_are_pushed() {
     assert!(d.port.take_error().is_none());
     qemu.close().unwrap();
 }
+
+/// A frontend that breaks the ring's rules (docs/protocol.md, 10.7) loses its session, after
+/// the writes before the bad one were applied; the daemon serves the next frontend. Each case
+/// scribbles on the region directly, as a hostile QEMU could.
+#[test]
+fn a_frontend_that_breaks_the_ring_loses_its_session_not_the_daemon() {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::{FileOffset, VolatileMemory};
+
+    const WRITE_PROD: usize = 0x40;
+    const RING: usize = 0x1000;
+    let mut daemon = PrivateDaemon::start("shared-hostile").unwrap();
+    // (offset, size, value, prod ahead by): a bad size, an offset outside the window, a
+    // misaligned one, a 4-byte write with upper bits, and write_prod beyond the ring.
+    let cases: [(u32, u32, u64, u32); 5] = [
+        (0x20, 3, 1, 1),
+        (0x2_0000, 4, 1, 1),
+        (0x22, 4, 1, 1),
+        (0x20, 4, 1 << 32, 1),
+        (0x20, 4, 1, 257),
+    ];
+    for (offset, size, value, ahead) in cases {
+        let case = format!("offset {offset:#x} size {size} value {value:#x} ahead {ahead}");
+        let qemu = started(&daemon);
+        let shared = qemu.shared().unwrap().clone();
+        // A good write first: it is applied before the session ends.
+        let mut port = qemu.port();
+        viommu_tests::guest::SmmuPort::write(&mut port, 0x3c, 4, 0x5);
+        shared.wait_applied().unwrap();
+        let file = std::fs::File::from(shared.region_fd().unwrap());
+        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), 0x10000).unwrap();
+        let prod = map.get_atomic_ref::<AtomicU32>(WRITE_PROD).unwrap();
+        let at = prod.load(Ordering::Relaxed);
+        let entry = RING + (at % 256) as usize * 16;
+        map.get_atomic_ref::<AtomicU32>(entry)
+            .unwrap()
+            .store(offset, Ordering::Relaxed);
+        map.get_atomic_ref::<AtomicU32>(entry + 4)
+            .unwrap()
+            .store(size, Ordering::Relaxed);
+        map.get_atomic_ref::<AtomicU64>(entry + 8)
+            .unwrap()
+            .store(value, Ordering::Relaxed);
+        prod.store(at.wrapping_add(ahead), Ordering::Release);
+        // A message makes the backend look at the ring first: the session ends.
+        let err = qemu
+            .frontend()
+            .call(&FrontendRequest::GetIdRegs)
+            .expect_err(&case);
+        assert!(
+            matches!(
+                err,
+                viommu_protocol::Error::Disconnected | viommu_protocol::Error::Io(_)
+            ),
+            "{case}: {err:?}"
+        );
+        assert!(daemon.is_running(), "{case}: the daemon died");
+    }
+    // The daemon serves the next frontend as usual.
+    let mut qemu = daemon.connect().unwrap().with_shared_region(true);
+    scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+}
