@@ -19,6 +19,8 @@
 #                         Unix socket; inprocess: QEMU's own emulated SMMUv3
 #   VIOMMU_E2E_SHARED     on (default) or off: whether QEMU may use the shared region
 #                         (docs/protocol.md, section 10) with the backend, in user mode
+#   VIOMMU_E2E_USER_OPTS  more properties for -object viommu-user (e.g. poll-us=0), user mode
+#   VIOMMU_BACKEND_ARGS   more viommu-backend options (e.g. --busy-poll-us 0), user mode
 #   VIOMMU_BACKEND        viommu-backend binary for user mode (default: `cargo build --release
 #                         -p viommu-backend` in this repo, honouring CARGO_TARGET_DIR)
 #   VIOMMU_E2E_CACHE      cache dir outside the repo (default /var/cache/viommu-e2e)
@@ -59,6 +61,7 @@ LAB_CACHE=${VIOMMU_LAB_CACHE:-/var/cache/viommu-lab-ci}
 TIMEOUT=${VIOMMU_E2E_TIMEOUT:-600}
 MODE=${VIOMMU_E2E_SMMU:-user}
 SHARED=${VIOMMU_E2E_SHARED:-on}
+read -r -a BACKEND_ARGS <<<"${VIOMMU_BACKEND_ARGS:-}"
 DISK_MB=${VIOMMU_E2E_DISK_MB:-64}
 LINUX_SOURCE=linux-source-7.3
 GUEST_TESTS=(smmu-probe iommu-dma disk-sha256 disk-read virtio-net msi smmu-events)
@@ -265,7 +268,7 @@ QEMU_ARGS=(-accel tcg,thread=multi -cpu max,pauth-impdef=on -smp 2 -m 1G
 if [ "$MODE" = user ]; then
     BACKEND_LOG=$LOGS/backend.log
     FIRST_BACKEND_LOG=$BACKEND_LOG
-    "$BACKEND" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG" 2>&1 &
+    "$BACKEND" "${BACKEND_ARGS[@]}" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG" 2>&1 &
     BACKEND_PID=$!
     for _ in $(seq 100); do
         if [ -S "$RUN/vsmmu.sock" ] || ! kill -0 "$BACKEND_PID" 2>/dev/null; then break; fi
@@ -280,7 +283,7 @@ if [ "$MODE" = user ]; then
     fi
     [ -S "$RUN/vsmmu.sock" ] || { tail_log backend; error "viommu-backend did not create $RUN/vsmmu.sock within 10 s (log $BACKEND_LOG)"; }
     QEMU_ARGS+=(-chardev "socket,id=vsmmu0,path=$RUN/vsmmu.sock,reconnect-ms=100"
-        -object "viommu-user,id=vu0,chardev=vsmmu0,shared-region=$SHARED" -qmp "unix:$RUN/qmp.sock,server=on,wait=off"
+        -object "viommu-user,id=vu0,chardev=vsmmu0,shared-region=$SHARED${VIOMMU_E2E_USER_OPTS:+,$VIOMMU_E2E_USER_OPTS}" -qmp "unix:$RUN/qmp.sock,server=on,wait=off"
         -M virt,gic-version=3,memory-backend=mem0
         -device arm-smmuv3,primary-bus=pcie.0,id=smmuv3.0,viommu=vu0)
 elif [ "$SMMU_DEVICE" = 1 ]; then
@@ -344,7 +347,7 @@ restart_backend() {
     wait "$BACKEND_PID" || { RESTART="the first viommu-backend exited with status $? on SIGTERM"; BACKEND_PID=""; return; }
     BACKEND_PID=""
     AT_RESTART=$(grep -c '^E2E-LOOP ' "$RUN/console.raw")
-    "$BACKEND" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG.2" 2>&1 &
+    "$BACKEND" "${BACKEND_ARGS[@]}" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG.2" 2>&1 &
     BACKEND_PID=$!
     BACKEND_LOG=$BACKEND_LOG.2
     wait_line 30 'state restored' "$BACKEND_LOG" || { RESTART="the new viommu-backend did not restore the state (log $BACKEND_LOG)"; return; }
