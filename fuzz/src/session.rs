@@ -140,6 +140,14 @@ fuzz_enum! {
         Renumber { handle: u8, sid: u32 },
         /// The host SMMU reports an event for a passthrough device.
         HostEvent { device: u8, record: [u64; 4] },
+        /// SET_SHARED_REGION with a fresh region and kick.
+        SetSharedRegion,
+        /// Raw entries written into the shared ring (offset in bits 31:0 of the first word,
+        /// size in bits 39:32, the value in the second), `write_prod` moved by their number
+        /// plus `extra`, then the backend applies them as after a kick.
+        Posted { entries: Vec<[u64; 2]>, extra: u16 },
+        /// UPDATE_DEVICE.
+        UpdateDevice { handle: u8, sid: u32, flags: u8 },
     }
 }
 
@@ -293,6 +301,10 @@ pub struct Harness {
     s2_hwpt: ObjectId,
     last_state: Vec<u8>,
     features: viommu_smmuv3::Capabilities,
+    /// A second mapping of the shared region, to write into it as a hostile frontend would.
+    shared: Option<vm_memory::mmap::MmapRegion<()>>,
+    /// The session ended (a broken shared ring): later messages are not sent.
+    ended: bool,
     /// Requests the protocol could not carry (skipped).
     pub undecodable: u64,
     /// Print every request and its result (for looking at an input by hand).
@@ -330,6 +342,8 @@ impl Harness {
             s2_hwpt,
             last_state: Vec::new(),
             features: viommu_smmuv3::Capabilities::qemu_default(),
+            shared: None,
+            ended: false,
             undecodable: 0,
             trace: std::env::var_os("VIOMMU_FUZZ_TRACE").is_some(),
         }
@@ -428,6 +442,9 @@ impl Harness {
 
     /// Runs one step.
     pub fn step(&mut self, msg: &Msg) {
+        if self.ended {
+            return;
+        }
         match msg {
             Msg::GetFeatures => {
                 self.send(FrontendRequest::GetFeatures);
@@ -684,6 +701,64 @@ impl Harness {
                 let _ = self.host.lock().inject_event(dev, *record);
                 let _ = self.session.handle_host_events();
             }
+            Msg::SetSharedRegion => {
+                let region = viommu_protocol::shared::Region::create().expect("shared region");
+                let fd = region.fd().try_clone_to_owned().expect("dup");
+                let file = std::fs::File::from(fd);
+                self.shared = vm_memory::mmap::MmapRegion::from_file(
+                    vm_memory::FileOffset::new(file, 0),
+                    viommu_protocol::shared::REGION_SIZE,
+                )
+                .ok();
+                let fd = region.fd().try_clone_to_owned().expect("dup");
+                self.send(FrontendRequest::SetSharedRegion {
+                    region: fd,
+                    kick: eventfd(),
+                });
+            }
+            Msg::Posted { entries, extra } => self.post_raw(entries, *extra),
+            Msg::UpdateDevice { handle, sid, flags } => {
+                self.send(FrontendRequest::UpdateDevice {
+                    handle: u32::from(*handle % 8),
+                    sid: *sid,
+                    flags: viommu_protocol::types::DeviceFlags::from_bits_truncate(u32::from(
+                        *flags,
+                    )),
+                });
+            }
+        }
+    }
+
+    /// Writes raw entries into the shared ring and lets the backend apply them. A broken ring
+    /// ends the session (as the daemon would drop it); nothing else may go wrong.
+    fn post_raw(&mut self, entries: &[[u64; 2]], extra: u16) {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use vm_memory::VolatileMemory;
+        let Some(map) = self.shared.as_ref() else {
+            return;
+        };
+        let prod = map.get_atomic_ref::<AtomicU32>(0x40).expect("write_prod");
+        let mut at = prod.load(Ordering::Relaxed);
+        for &[word, value] in entries.iter().take(300) {
+            let entry = 0x1000 + (at % 256) as usize * 16;
+            let store32 = |off: usize, v: u32| {
+                map.get_atomic_ref::<AtomicU32>(off)
+                    .expect("ring entry")
+                    .store(v, Ordering::Relaxed)
+            };
+            store32(entry, word as u32);
+            store32(entry + 4, (word >> 32) as u8 as u32);
+            map.get_atomic_ref::<AtomicU64>(entry + 8)
+                .expect("ring entry")
+                .store(value, Ordering::Relaxed);
+            at = at.wrapping_add(1);
+        }
+        prod.store(at.wrapping_add(u32::from(extra)), Ordering::Release);
+        if let Err(e) = self.session.drain_posted() {
+            if self.trace {
+                eprintln!("posted writes: the session ends: {e}");
+            }
+            self.ended = true;
         }
     }
 

@@ -917,6 +917,63 @@ fn session_seeds(root: &Path) {
     n += 1;
     let input = viommu_fuzz::session::Input { msgs };
     write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
+    // The shared region: a world driven through posted writes, translations that fill the
+    // cache, a pushed SID, then a ring the frontend breaks.
+    let world = worlds().into_iter().next().expect("a world");
+    let sid = world.streams.first().map_or(8, |s| s.sid);
+    let msgs = vec![
+        Msg::SetFeatures { bits: 0x7f },
+        Msg::SetConfig {
+            model: world.model.clone(),
+            idr_auto: false,
+        },
+        Msg::SetSharedRegion,
+        Msg::SetBackendChannel {
+            mode: ChannelMode::Answered { fail_every: 0 },
+        },
+        Msg::SetMemTable {
+            regions: vec![GpaSel::Ram0, GpaSel::Ram1],
+        },
+        Msg::Attach {
+            handle: 1,
+            sid,
+            passthrough: None,
+        },
+        Msg::Guest {
+            world: world.clone(),
+        },
+        // SMMU_GERRORN, SMMU_IRQ_CTRL, SMMU_CR0 (SMMUEN, EVTQEN, CMDQEN), posted.
+        Msg::Posted {
+            entries: vec![
+                [0x3c | 4 << 32, 0],
+                [0x50 | 4 << 32, 0],
+                [0x20 | 4 << 32, 0xd],
+            ],
+            extra: 0,
+        },
+        Msg::Translate {
+            sid,
+            ssid: None,
+            iova: 0x1000,
+            access: 1,
+        },
+        Msg::UpdateDevice {
+            handle: 1,
+            sid: sid ^ 8,
+            flags: 1,
+        },
+        Msg::Cmds {
+            cmds: vec![Cmd::CfgiAll, sync()],
+        },
+        Msg::Posted {
+            entries: vec![[0x22 | 4 << 32, 1]],
+            extra: 300,
+        },
+        Msg::GetIdRegs,
+    ];
+    n += 1;
+    let input = viommu_fuzz::session::Input { msgs };
+    write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
 }
 
 fn main() {
