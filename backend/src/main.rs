@@ -63,8 +63,9 @@ struct Args {
     busy_poll_us: u64,
 
     /// After applying writes posted in the shared region, watch the ring this many microseconds
-    /// for the next one before sleeping (0: never). Example: --ring-poll-us 10
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    /// for the next one before sleeping (0: never). A guest's unmaps come in bursts, each ending
+    /// with a CMD_SYNC it waits for. Example: --ring-poll-us 0
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     ring_poll_us: u64,
 
     /// Largest output address size a frontend may configure (IDR5.OAS): 32, 36, 40, 42, 44 or

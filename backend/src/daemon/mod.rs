@@ -91,11 +91,17 @@ pub struct Options {
 /// The default busy-poll window.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
+/// The default window to watch the shared ring after a kick. Linux unmaps a virtio request's
+/// pages one by one, each with a TLBI and a CMD_SYNC it waits for, a few microseconds apart:
+/// watching the ring that long turns each doorbell after the first into no wake-up at all
+/// (measured in the e2e guest: disk reads 1.6x faster than sleeping after each).
+pub const DEFAULT_RING_POLL: Duration = Duration::from_micros(20);
+
 impl Default for Options {
     fn default() -> Self {
         Self {
             busy_poll: DEFAULT_BUSY_POLL,
-            ring_poll: Duration::ZERO,
+            ring_poll: DEFAULT_RING_POLL,
             session: SessionOptions::default(),
         }
     }
@@ -278,8 +284,7 @@ pub fn serve_connection(
                     }
                 }
                 TOKEN_KICK => {
-                    // The ring-poll window after a kick (none by default: spinning for the next
-                    // doorbell takes a CPU from the guest's vCPU on a small host).
+                    // The posted writes, then what follows within the ring-poll window.
                     let served = session.handle_kick().and_then(|()| {
                         let next = poll_for_next(&session, options.ring_poll);
                         handle_burst(&mut session, options, next)

@@ -98,8 +98,14 @@ impl Session {
             Some(smmu) if smmu.has_effects() => smmu.take_effects(),
             _ => return Ok(BarrierOutcome::Served),
         };
-        // The guest may read the registers as soon as an interrupt below reports a change.
-        self.publish();
+        // The guest may read the registers as soon as an interrupt or MSI below reports a
+        // change: publish first (a sync's MSI into RAM needs nothing, 10.3 orders it).
+        if effects
+            .iter()
+            .any(|e| matches!(e, Effect::Irq(_) | Effect::MsiWrite { .. }))
+        {
+            self.publish();
+        }
         let mut outcome = BarrierOutcome::Served;
         let mut outgoing = Vec::new();
         let mut stale = Vec::new();

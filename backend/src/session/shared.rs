@@ -191,12 +191,14 @@ impl Session {
             return;
         }
         if let Some(shared) = self.shared.as_mut() {
-            let n = shared.side.clear(|t| {
-                ranges
-                    .iter()
-                    .any(|&(start, last)| t.base <= last && t.base | t.mask() >= start)
-                    || streams.iter().any(|r| (r.first..=r.last).contains(&t.sid))
-            });
+            let mut n = shared.side.clear_ranges(&ranges);
+            if !streams.is_empty() {
+                n = n.saturating_add(
+                    shared
+                        .side
+                        .clear(|t| streams.iter().any(|r| (r.first..=r.last).contains(&t.sid))),
+                );
+            }
             self.shared_counters.cache_clears =
                 self.shared_counters.cache_clears.saturating_add(n as u64);
         }
