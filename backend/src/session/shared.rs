@@ -17,7 +17,7 @@ use super::{Phase, Session, SessionError, refuse};
 pub const PREFETCH_PAGES: u64 = 64;
 /// Of those above the miss, the ones filled before the reply: a device reads on upwards at
 /// once, faster than the backend could prefetch after replying.
-pub const PREFETCH_BEFORE_REPLY: u64 = 16;
+pub const PREFETCH_BEFORE_REPLY: u64 = 64;
 
 /// The session's shared region and its kick.
 #[derive(Debug)]
