@@ -142,6 +142,20 @@ pub struct ChannelState {
     pub log: Vec<Notification>,
 }
 
+/// IOTLB_INVALIDATE messages in `log`.
+pub fn invalidations(log: &[Notification]) -> usize {
+    log.iter()
+        .filter(|n| matches!(n, Notification::Invalidate { .. }))
+        .count()
+}
+
+/// GET_DEVICE_SIDS questions in `log`.
+pub fn sid_questions(log: &[Notification]) -> usize {
+    log.iter()
+        .filter(|n| matches!(n, Notification::DeviceSids { .. }))
+        .count()
+}
+
 /// The serving thread and the state it shares.
 #[derive(Debug)]
 pub struct ChannelServer {

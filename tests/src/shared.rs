@@ -111,18 +111,23 @@ impl SharedFrontend {
         Ok(value)
     }
 
-    /// Posts a write (10.4), kicking when the backend sleeps or the ring is full.
+    /// Posts a write (10.4), kicking when the backend sleeps, and once when the ring is full
+    /// before it waits for room.
     pub fn write(&self, offset: u64, size: u32, value: u64) -> Result<(), SharedError> {
         let offset = u32::try_from(offset)
             .map_err(|_| SharedError::Broken(format!("offset {offset:#x}")))?;
         let deadline = deadline_from_now();
+        let mut kicked_full = false;
         loop {
             let posted = self.side.borrow_mut().post(offset, size, value)?;
             match posted {
                 Posted::Quiet => {}
                 Posted::Kick => self.kick(),
                 Posted::Full => {
-                    self.kick();
+                    if !kicked_full {
+                        self.kick();
+                        kicked_full = true;
+                    }
                     if Instant::now() >= deadline {
                         return Err(SharedError::Broken("the ring stayed full".into()));
                     }

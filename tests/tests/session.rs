@@ -15,7 +15,7 @@ use viommu_protocol::types::DeviceFlags;
 use viommu_protocol::{
     Access, AddressSpace, Error, FrontendReply, FrontendRequest, IrqIndex, MemRegion, Status,
 };
-use viommu_tests::channel::Notification;
+use viommu_tests::channel::{Notification, invalidations};
 use viommu_tests::guest::cmd::CmdEnt;
 use viommu_tests::guest::event::id;
 use viommu_tests::guest::pgtable::{Granule, prot};
@@ -78,13 +78,6 @@ fn started(daemon: &Daemon) -> MockQemu {
     qemu.negotiate().unwrap();
     qemu.start(default_config(), RAM_SIZE).unwrap();
     qemu
-}
-
-/// IOTLB_INVALIDATE messages in `log`.
-fn invalidations(log: &[Notification]) -> usize {
-    log.iter()
-        .filter(|n| matches!(n, Notification::Invalidate { .. }))
-        .count()
 }
 
 fn remote_status(err: &anyhow::Error) -> Option<Status> {

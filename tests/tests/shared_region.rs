@@ -11,10 +11,11 @@
 
 use viommu_protocol::types::DeviceFlags;
 use viommu_protocol::{Access, FrontendRequest, Status};
-use viommu_tests::channel::Notification;
+use viommu_tests::channel;
 use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::pgtable::{Granule, prot};
 use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
+use viommu_tests::port::SocketPort;
 use viommu_tests::scenario::{self, ALLOC_START, RAM_SIZE, default_config};
 use viommu_tests::{Dma, MockQemu, PrivateDaemon};
 
@@ -27,19 +28,25 @@ fn started(daemon: &PrivateDaemon) -> MockQemu {
 }
 
 fn invalidations(qemu: &MockQemu) -> usize {
-    qemu.channel_state()
-        .log
-        .iter()
-        .filter(|n| matches!(n, Notification::Invalidate { .. }))
-        .count()
+    channel::invalidations(&qemu.channel_state().log)
 }
 
 fn sid_questions(qemu: &MockQemu) -> usize {
-    qemu.channel_state()
-        .log
-        .iter()
-        .filter(|n| matches!(n, Notification::DeviceSids { .. }))
-        .count()
+    channel::sid_questions(&qemu.channel_state().log)
+}
+
+/// A guest driver probed and reset on `qemu`.
+fn guest_on(qemu: &MockQemu) -> Driver<SocketPort, vm_memory::GuestMemoryMmap<()>> {
+    let mem = qemu.mem().unwrap().clone();
+    let mut d = Driver::probe(
+        qemu.port(),
+        mem,
+        BumpAllocator::new(ALLOC_START, RAM_SIZE),
+        DriverConfig::default(),
+    )
+    .unwrap();
+    d.reset().unwrap();
+    d
 }
 
 /// Linux's boot and DMA session runs with every mirrored register read served by the mirror
@@ -66,15 +73,7 @@ fn a_linux_session_reads_and_writes_registers_without_messages() {
 fn translations_are_cached_prefetched_and_cleared_before_the_sync_completes() {
     let daemon = PrivateDaemon::start("shared-cache").unwrap();
     let mut qemu = started(&daemon);
-    let mem = qemu.mem().unwrap().clone();
-    let mut d = Driver::probe(
-        qemu.port(),
-        mem,
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .unwrap();
-    d.reset().unwrap();
+    let mut d = guest_on(&qemu);
     let (handle, sid) = (3, 0x18);
     qemu.attach(handle, sid).unwrap();
     let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
@@ -174,15 +173,7 @@ fn translations_are_cached_prefetched_and_cleared_before_the_sync_completes() {
 fn notified_devices_hear_of_unmaps_and_sids_are_pushed() {
     let daemon = PrivateDaemon::start("shared-notify").unwrap();
     let mut qemu = started(&daemon);
-    let mem = qemu.mem().unwrap().clone();
-    let mut d = Driver::probe(
-        qemu.port(),
-        mem,
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .unwrap();
-    d.reset().unwrap();
+    let mut d = guest_on(&qemu);
     let (handle, sid) = (9, 0x30);
     qemu.attach(handle, sid).unwrap();
     qemu.update_device(handle, DeviceFlags::UNMAP_NOTIFY)

@@ -289,18 +289,8 @@ pub fn serve_connection(
                         let next = poll_for_next(&session, options.ring_poll);
                         handle_burst(&mut session, options, next)
                     });
-                    match served {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            info!("frontend disconnected");
-                            log_end(&session);
-                            return Ok(Served::Ended);
-                        }
-                        Err(err) => {
-                            error!("session ended: {}", crate::error_chain(&err));
-                            log_end(&session);
-                            return Ok(Served::Ended);
-                        }
+                    if let Some(end) = burst_end(&session, served) {
+                        return Ok(end);
                     }
                 }
                 TOKEN_HOST_EVENTS => {
@@ -321,19 +311,12 @@ pub fn serve_connection(
                 }
                 // A kick's ring-poll window earlier in this batch of events may have served
                 // the message this event announced: look again rather than block in recv.
-                _ => match handle_burst(&mut session, options, Next::IfReadable) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        info!("frontend disconnected");
-                        log_end(&session);
-                        return Ok(Served::Ended);
+                _ => {
+                    let served = handle_burst(&mut session, options, Next::IfReadable);
+                    if let Some(end) = burst_end(&session, served) {
+                        return Ok(end);
                     }
-                    Err(err) => {
-                        error!("session ended: {}", crate::error_chain(&err));
-                        log_end(&session);
-                        return Ok(Served::Ended);
-                    }
-                },
+                }
             }
         }
     }
@@ -363,6 +346,17 @@ fn handle_burst(
         }
         next = poll_for_next(session, options.busy_poll);
     }
+}
+
+/// What a burst's outcome means for the connection: `None` while the frontend is still there.
+fn burst_end(session: &Session, served: Result<bool, SessionError>) -> Option<Served> {
+    match served {
+        Ok(true) => return None,
+        Ok(false) => info!("frontend disconnected"),
+        Err(err) => error!("session ended: {}", crate::error_chain(&err)),
+    }
+    log_end(session);
+    Some(Served::Ended)
 }
 
 fn log_end(session: &Session) {
