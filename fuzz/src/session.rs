@@ -148,6 +148,9 @@ fuzz_enum! {
         Posted { entries: Vec<[u64; 2]>, extra: u16 },
         /// UPDATE_DEVICE.
         UpdateDevice { handle: u8, sid: u32, flags: u8 },
+        /// A raw translation request in the shared region (docs/protocol.md, 10.9), then the
+        /// backend serves the region as after a kick.
+        RegionTranslate { sid: u32, ssid: u32, iova: u64, flags: u32, reserved: u32 },
     }
 }
 
@@ -303,6 +306,8 @@ pub struct Harness {
     features: viommu_smmuv3::Capabilities,
     /// A second mapping of the shared region, to write into it as a hostile frontend would.
     shared: Option<vm_memory::mmap::MmapRegion<()>>,
+    /// The features the last accepted SET_FEATURES took.
+    negotiated: Features,
     /// The session ended (a broken shared ring): later messages are not sent.
     ended: bool,
     /// Requests the protocol could not carry (skipped).
@@ -343,6 +348,7 @@ impl Harness {
             last_state: Vec::new(),
             features: viommu_smmuv3::Capabilities::qemu_default(),
             shared: None,
+            negotiated: Features::empty(),
             ended: false,
             undecodable: 0,
             trace: std::env::var_os("VIOMMU_FUZZ_TRACE").is_some(),
@@ -451,7 +457,9 @@ impl Harness {
             }
             Msg::SetFeatures { bits } => {
                 let f = Features::from_bits_truncate(u64::from(*bits));
-                self.send(FrontendRequest::SetFeatures(f));
+                if let Some(Ok(_)) = self.send(FrontendRequest::SetFeatures(f)) {
+                    self.negotiated = f;
+                }
             }
             Msg::SetConfig { model, idr_auto } => {
                 let mut cfg = model.config();
@@ -705,18 +713,33 @@ impl Harness {
                 let region = viommu_protocol::shared::Region::create().expect("shared region");
                 let fd = region.fd().try_clone_to_owned().expect("dup");
                 let file = std::fs::File::from(fd);
-                self.shared = vm_memory::mmap::MmapRegion::from_file(
+                let map = vm_memory::mmap::MmapRegion::from_file(
                     vm_memory::FileOffset::new(file, 0),
                     viommu_protocol::shared::REGION_SIZE,
                 )
                 .ok();
                 let fd = region.fd().try_clone_to_owned().expect("dup");
-                self.send(FrontendRequest::SetSharedRegion {
+                let call = self
+                    .negotiated
+                    .contains(Features::SHARED_TRANSLATE)
+                    .then(eventfd);
+                // The region the backend took, if it took this one.
+                if let Some(Ok(_)) = self.send(FrontendRequest::SetSharedRegion {
                     region: fd,
                     kick: eventfd(),
-                });
+                    call,
+                }) {
+                    self.shared = map;
+                }
             }
             Msg::Posted { entries, extra } => self.post_raw(entries, *extra),
+            Msg::RegionTranslate {
+                sid,
+                ssid,
+                iova,
+                flags,
+                reserved,
+            } => self.translate_raw([*sid, *ssid, *flags, *reserved], *iova),
             Msg::UpdateDevice { handle, sid, flags } => {
                 self.send(FrontendRequest::UpdateDevice {
                     handle: u32::from(*handle % 8),
@@ -759,6 +782,48 @@ impl Harness {
                 eprintln!("posted writes: the session ends: {e}");
             }
             self.ended = true;
+        }
+    }
+
+    /// Writes a raw translation request into the shared region and lets the backend answer
+    /// it; the answer must be well-formed whatever the request (10.9).
+    fn translate_raw(&mut self, [sid, ssid, flags, reserved]: [u32; 4], iova: u64) {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use vm_memory::VolatileMemory;
+        let Some(map) = self.shared.as_ref() else {
+            return;
+        };
+        let u32_at = |off: usize| map.get_atomic_ref::<AtomicU32>(off).expect("xlate_req");
+        u32_at(0x408).store(sid, Ordering::Relaxed);
+        u32_at(0x40c).store(ssid, Ordering::Relaxed);
+        map.get_atomic_ref::<AtomicU64>(0x410)
+            .expect("xlate_req")
+            .store(iova, Ordering::Relaxed);
+        u32_at(0x418).store(flags, Ordering::Relaxed);
+        u32_at(0x41c).store(reserved, Ordering::Relaxed);
+        let seq = u32_at(0x400).load(Ordering::Relaxed).wrapping_add(1);
+        u32_at(0x400).store(seq, Ordering::Release);
+        if let Err(e) = self.session.drain_posted() {
+            if self.trace {
+                eprintln!("translation request: the session ends: {e}");
+            }
+            self.ended = true;
+            return;
+        }
+        let answered = u32_at(0x440).load(Ordering::Acquire);
+        let status = u32_at(0x444).load(Ordering::Relaxed);
+        let result = u32_at(0x45c).load(Ordering::Relaxed);
+        // Without SHARED_TRANSLATE the backend does not look; with it, every request is
+        // answered, with a status of section 2.7 and a result of 0 or 1.
+        if self.negotiated.contains(Features::SHARED_TRANSLATE) {
+            assert_eq!(answered, seq, "request {seq} unanswered");
+            assert!(status <= 11, "answer status {status}");
+            assert!(status != 0 || result <= 1, "answer result {result}");
+        }
+        if self.trace {
+            eprintln!(
+                "translation request {seq}: answered {answered}, status {status}, result {result}"
+            );
         }
     }
 

@@ -7,9 +7,7 @@ use rustix::net::{AddressFamily, SocketType, sockopt};
 
 use crate::codec::Writer;
 use crate::error::DecodeError;
-use crate::message::{
-    Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size, one_fd, two_fds,
-};
+use crate::message::{Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size, one_fd};
 use crate::types::{
     DeviceFlags, DeviceInfo, Features, IdRegs, IrqIndex, MAX_MEM_TABLE_REGIONS, MAX_STATE_SIZE,
     MemRegion, MmioAccess, ModelConfig, PassthroughIds, TranslateReply, TranslateRequest,
@@ -185,12 +183,15 @@ pub enum FrontendRequest {
     /// SET_STATE: restore a blob from GET_STATE.
     SetState(StateBlob),
     /// SET_SHARED_REGION: the shared region (a sealed memfd of
-    /// [`crate::shared::REGION_SIZE`] bytes, version 1) and the kick eventfd.
+    /// [`crate::shared::REGION_SIZE`] bytes, version 1), the kick eventfd, and with
+    /// SHARED_TRANSLATE the call eventfd.
     SetSharedRegion {
         /// The region's memfd.
         region: OwnedFd,
         /// The eventfd the frontend writes when the backend may be asleep.
         kick: OwnedFd,
+        /// The eventfd the backend writes when the frontend may be asleep (SHARED_TRANSLATE).
+        call: Option<OwnedFd>,
     },
     /// UPDATE_DEVICE: an attached device's SID and flags now.
     UpdateDevice {
@@ -296,12 +297,15 @@ impl Request for FrontendRequest {
                 w.u64(blob.size);
                 fds.push(blob.fd.as_fd());
             }
-            FrontendRequest::SetSharedRegion { region, kick } => {
+            FrontendRequest::SetSharedRegion { region, kick, call } => {
                 w.u64(crate::shared::REGION_SIZE as u64)
                     .u32(crate::shared::VERSION)
                     .u32(0);
                 fds.push(region.as_fd());
                 fds.push(kick.as_fd());
+                if let Some(call) = call {
+                    fds.push(call.as_fd());
+                }
             }
             FrontendRequest::UpdateDevice { handle, sid, flags } => {
                 w.u32(*handle).u32(*sid).u32(flags.bits()).u32(0);
@@ -463,10 +467,22 @@ impl Request for FrontendRequest {
                     });
                 }
                 r.reserved_u32("shared.reserved")?;
-                let [region, kick] = two_fds(fds)?;
+                // The region and the kick, and with SHARED_TRANSLATE the call (the session
+                // checks that the count matches the features).
+                let actual = fds.len();
+                let mut fds = fds.into_iter();
+                let (Some(region), Some(kick), call, None) =
+                    (fds.next(), fds.next(), fds.next(), fds.next())
+                else {
+                    return Err(DecodeError::FdCount {
+                        expected: if actual > 3 { 3 } else { 2 },
+                        actual,
+                    });
+                };
                 FrontendRequest::SetSharedRegion {
                     region,
                     kick: eventfd(kick)?,
+                    call: call.map(eventfd).transpose()?,
                 }
             }
             code::UPDATE_DEVICE => {

@@ -225,12 +225,3 @@ pub(crate) fn one_fd(fds: Vec<OwnedFd>) -> Result<OwnedFd, DecodeError> {
         actual,
     })
 }
-
-/// Takes the two fds of a message that carries two, in order.
-pub(crate) fn two_fds(fds: Vec<OwnedFd>) -> Result<[OwnedFd; 2], DecodeError> {
-    let actual = fds.len();
-    <[OwnedFd; 2]>::try_from(exact_fds(fds, 2)?).map_err(|_| DecodeError::FdCount {
-        expected: 2,
-        actual,
-    })
-}

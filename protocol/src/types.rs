@@ -42,6 +42,9 @@ bitflags! {
         /// Bit 6: the shared region (SET_SHARED_REGION, UPDATE_DEVICE; docs/protocol.md,
         /// section 10).
         const SHARED_REGION = 1 << 6;
+        /// Bit 7: translation requests through the shared region, and the call eventfd
+        /// (docs/protocol.md, 10.9). Needs SHARED_REGION and TRANSLATE.
+        const SHARED_TRANSLATE = 1 << 7;
     }
 }
 

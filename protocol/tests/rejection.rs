@@ -236,6 +236,8 @@ fn wrong_fd_counts() {
         }
         p
     };
+    // size 0x10000, version 1, reserved 0
+    let shared_payload = [0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
     let cases: Vec<(Vec<u8>, Vec<std::os::fd::BorrowedFd<'_>>, usize, usize)> = vec![
         // SET_IOMMUFD takes one fd.
         (message(code::SET_IOMMUFD, true, &[]), vec![], 1, 0),
@@ -251,6 +253,19 @@ fn wrong_fd_counts() {
             vec![m1.as_fd()],
             0,
             1,
+        ),
+        // SET_SHARED_REGION takes two, or three with SHARED_TRANSLATE (10.9).
+        (
+            message(code::SET_SHARED_REGION, true, &shared_payload),
+            vec![m1.as_fd()],
+            2,
+            1,
+        ),
+        (
+            message(code::SET_SHARED_REGION, true, &shared_payload),
+            vec![m1.as_fd(), ev.as_fd(), ev.as_fd(), ev.as_fd()],
+            3,
+            4,
         ),
         // GET_FEATURES takes none.
         (

@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, eventfd, poll};
+use viommu_protocol::Perm;
 use viommu_protocol::shared::{BackendSide, CachedTranslation, FrontendSide, Posted, Region};
+use viommu_protocol::types::{Access, TranslateReply, TranslateRequest};
 
 fn pair() -> (FrontendSide, BackendSide) {
     let region = Region::create().unwrap();
     let fd: OwnedFd = region.fd().try_clone_to_owned().unwrap();
-    let backend = BackendSide::new(Region::adopt(fd).unwrap());
+    let backend = BackendSide::new(Region::adopt(fd).unwrap(), true);
     (FrontendSide::new(region), backend)
 }
 
@@ -205,4 +207,115 @@ fn cache_lookups_see_whole_entries_and_nothing_after_its_invalidation() {
     let generations = writer.join().unwrap();
     assert!(generations > 100, "{generations} generations");
     assert!(hits + misses > 1000);
+}
+
+/// Translation requests through the region (10.9), both sides sleeping for real: the frontend
+/// asks a numbered stream of requests, kicking when the backend announced a sleep, and sleeps on
+/// the call when an answer is not there; the backend answers each with a value derived from the
+/// request and sleeps on the kick. Every answer is to its own request, complete (never a
+/// previous answer's fields), and neither side's wake-up is lost (a lost one leaves a side
+/// asleep past its 10 s poll).
+#[test]
+fn translation_requests_get_their_own_answers_and_no_wakeup_is_lost() {
+    const REQUESTS: u64 = 30_000;
+    let (mut front, mut back) = pair();
+    let new_eventfd =
+        || Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+    let (kick, call) = (new_eventfd(), new_eventfd());
+    let sleep_on = |fd: &OwnedFd, what: &str| {
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        let timeout = rustix::event::Timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            poll(&mut fds, Some(&timeout)).unwrap(),
+            1,
+            "lost wake-up: {what}"
+        );
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(fd, &mut buf);
+    };
+    let backend = {
+        let (kick, call) = (kick.clone(), call.clone());
+        std::thread::spawn(move || {
+            let mut answered = 0u64;
+            let mut backend_sleeps = 0u64;
+            while answered < REQUESTS {
+                if let Some((seq, request)) = back.next_request() {
+                    let t = request.unwrap();
+                    // Request n asks for IOVA n << 12 of SID n; the answer maps it to
+                    // n << 20, so a stale or torn answer shows.
+                    assert_eq!(u64::from(t.sid), t.iova >> 12);
+                    back.answer(
+                        seq,
+                        &Ok(TranslateReply::Translated {
+                            addr: (t.iova >> 12) << 20,
+                            addr_mask: 0xfff,
+                            perm: Perm::READ,
+                        }),
+                    );
+                    if back.frontend_waits() {
+                        rustix::io::write(&*call, &1u64.to_ne_bytes()).unwrap();
+                    }
+                    answered += 1;
+                    continue;
+                }
+                if !back.prepare_to_sleep() {
+                    continue;
+                }
+                backend_sleeps += 1;
+                sleep_on(&kick, "the backend asleep with a request waiting");
+                back.woke();
+            }
+            backend_sleeps
+        })
+    };
+    let mut front_sleeps = 0u64;
+    for n in 1..=REQUESTS {
+        let t = TranslateRequest {
+            sid: n as u32,
+            ssid: None,
+            iova: n << 12,
+            access: Access::READ,
+        };
+        if front.request_translation(&t) == Posted::Kick {
+            rustix::io::write(&*kick, &1u64.to_ne_bytes()).unwrap();
+        }
+        // Spin a little, as QEMU does, then sleep on the call.
+        let mut spins = 0u32;
+        let answer = loop {
+            if let Some(a) = front.answer().unwrap() {
+                break a;
+            }
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+                continue;
+            }
+            front.announce_wait();
+            if let Some(a) = front.answer().unwrap() {
+                front.end_wait();
+                break a;
+            }
+            front_sleeps += 1;
+            sleep_on(&call, "the frontend asleep with its answer there");
+            front.end_wait();
+        };
+        assert_eq!(
+            answer,
+            Ok(TranslateReply::Translated {
+                addr: n << 20,
+                addr_mask: 0xfff,
+                perm: Perm::READ
+            }),
+            "request {n}"
+        );
+    }
+    let backend_sleeps = backend.join().unwrap();
+    eprintln!("{REQUESTS} requests: frontend slept {front_sleeps} times, backend {backend_sleeps}");
+    assert!(
+        front_sleeps > 0 && backend_sleeps > 0,
+        "both wake-up paths ran"
+    );
 }

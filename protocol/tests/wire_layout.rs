@@ -104,7 +104,7 @@ fn get_features_and_its_reply() {
         Ok(FrontendReply::Features(Features::all())),
         "01 00 00 00  05 00 00 00  10 00 00 00
          00 00 00 00  00 00 00 00
-         7f 00 00 00 00 00 00 00",
+         ff 00 00 00 00 00 00 00",
     );
 }
 
@@ -280,6 +280,17 @@ fn shared_region_messages() {
         FrontendRequest::SetSharedRegion {
             region: region.fd().try_clone_to_owned().unwrap(),
             kick: common::eventfd_new(),
+            call: None,
+        },
+        "14 00 00 00  01 00 00 00  10 00 00 00
+         00 00 01 00 00 00 00 00  01 00 00 00  00 00 00 00",
+    );
+    // With SHARED_TRANSLATE (10.9) the same payload, and the call as a third fd.
+    check_request(
+        FrontendRequest::SetSharedRegion {
+            region: region.fd().try_clone_to_owned().unwrap(),
+            kick: common::eventfd_new(),
+            call: Some(common::eventfd_new()),
         },
         "14 00 00 00  01 00 00 00  10 00 00 00
          00 00 01 00 00 00 00 00  01 00 00 00  00 00 00 00",

@@ -43,7 +43,8 @@ pub const FRONTEND_FEATURES: Features = Features::PASSTHROUGH
     .union(Features::TRANSLATE)
     .union(Features::STATE)
     .union(Features::MSI)
-    .union(Features::SHARED_REGION);
+    .union(Features::SHARED_REGION)
+    .union(Features::SHARED_TRANSLATE);
 
 /// The outcome of a DMA translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,8 @@ pub struct MockQemu {
     sent: Sent,
     /// Whether to set up the shared region when it is negotiated.
     use_shared: bool,
+    /// The features [`MockQemu::negotiate`] may take.
+    usable: Features,
     shared: Option<Rc<shared::SharedFrontend>>,
 }
 
@@ -124,6 +127,7 @@ impl MockQemu {
             notified: BTreeSet::new(),
             sent: Sent::default(),
             use_shared: shared::wanted_by_default(),
+            usable: FRONTEND_FEATURES,
             shared: None,
         }
     }
@@ -132,6 +136,13 @@ impl MockQemu {
     /// comes from `VIOMMU_MOCK_SHARED`.
     pub fn with_shared_region(mut self, on: bool) -> Self {
         self.use_shared = on;
+        self
+    }
+
+    /// Restricts the features [`MockQemu::negotiate`] takes to `usable` (a frontend without
+    /// some of them).
+    pub fn with_usable_features(mut self, usable: Features) -> Self {
+        self.usable = usable;
         self
     }
 
@@ -152,7 +163,7 @@ impl MockQemu {
 
     /// GET_FEATURES then SET_FEATURES with what both sides know. Returns the negotiated set.
     pub fn negotiate(&mut self) -> anyhow::Result<Features> {
-        self.negotiate_within(FRONTEND_FEATURES)
+        self.negotiate_within(self.usable)
     }
 
     /// [`MockQemu::negotiate`], taking only features in `usable` (a frontend without some).
@@ -164,6 +175,9 @@ impl MockQemu {
         let mut wanted = offer & usable;
         if !self.use_shared {
             wanted.remove(Features::SHARED_REGION);
+        }
+        if !wanted.contains(Features::SHARED_REGION | Features::TRANSLATE) {
+            wanted.remove(Features::SHARED_TRANSLATE);
         }
         self.main.call(&FrontendRequest::SetFeatures(wanted))?;
         self.features = wanted;
@@ -213,9 +227,14 @@ impl MockQemu {
             )?);
         }
         if self.features.contains(Features::SHARED_REGION) {
-            let (shared, region, kick) = shared::SharedFrontend::create()?;
+            let with_call = self.features.contains(Features::SHARED_TRANSLATE);
+            let (shared, fds) = shared::SharedFrontend::create(with_call)?;
             self.main
-                .call(&FrontendRequest::SetSharedRegion { region, kick })
+                .call(&FrontendRequest::SetSharedRegion {
+                    region: fds.region,
+                    kick: fds.kick,
+                    call: fds.call,
+                })
                 .context("SET_SHARED_REGION")?;
             self.shared = Some(shared);
         }
@@ -439,14 +458,20 @@ impl MockQemu {
             return Ok(Dma::Address { gpa, cached: true });
         }
         self.sent.translates = self.sent.translates.saturating_add(1);
-        let reply = self
-            .main
-            .call(&FrontendRequest::Translate(TranslateRequest {
-                sid,
-                ssid,
-                iova,
-                access,
-            }))?;
+        let request = TranslateRequest {
+            sid,
+            ssid,
+            iova,
+            access,
+        };
+        let reply = match self.shared.as_ref().filter(|s| s.translates()) {
+            // Through the region (10.9): the same request, the same answer.
+            Some(shared) => match shared.translate(&request)? {
+                Ok(reply) => FrontendReply::Translate(reply),
+                Err(status) => bail!("a translation request refused with {status}"),
+            },
+            None => self.main.call(&FrontendRequest::Translate(request))?,
+        };
         match reply {
             FrontendReply::Translate(TranslateReply::Translated {
                 addr,
@@ -648,14 +673,20 @@ pub struct PrivateDaemon {
 impl PrivateDaemon {
     /// Starts one; `name` tells its directory from other tests' of this process.
     pub fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, &[])
+    }
+
+    /// [`PrivateDaemon::start`] with further command-line arguments.
+    pub fn start_with(name: &str, args: &[&str]) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("viommu-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).context("creating the daemon's directory")?;
         let socket = dir.join("vsmmu.sock");
-        let process = BackendProcess::spawn_with(
-            &backend_binary_built()?,
-            &socket,
-            &["--log-level", "error"],
-        )?;
+        let args: Vec<&str> = ["--log-level", "error"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        let process = BackendProcess::spawn_with(&backend_binary_built()?, &socket, &args)?;
         Ok(Self {
             process: Some(process),
             dir,

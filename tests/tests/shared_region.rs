@@ -60,7 +60,9 @@ fn a_linux_session_reads_and_writes_registers_without_messages() {
     let sent = qemu.shared().unwrap().sent();
     assert!(sent.mirror_reads > 10, "{sent:?}");
     assert!(sent.posted > 20, "{sent:?}");
-    assert!(sent.kicks <= sent.posted, "{sent:?}");
+    assert!(sent.kicks <= sent.posted + sent.requests, "{sent:?}");
+    // Every translation went through the region (10.9).
+    assert_eq!(sent.requests, qemu.sent().translates, "{sent:?}");
     // Nothing was asked about SIDs: they are pushed.
     assert_eq!(sid_questions(&qemu), 0);
     qemu.close().unwrap();
@@ -224,9 +226,13 @@ fn notified_devices_hear_of_unmaps_and_sids_are_pushed() {
         Status::INVALID_ARGUMENT
     );
     // A second SET_SHARED_REGION is refused.
-    let (_, region, kick) = viommu_tests::shared::SharedFrontend::create().unwrap();
+    let (_, fds) = viommu_tests::shared::SharedFrontend::create(true).unwrap();
     assert_eq!(
-        err(FrontendRequest::SetSharedRegion { region, kick }),
+        err(FrontendRequest::SetSharedRegion {
+            region: fds.region,
+            kick: fds.kick,
+            call: fds.call,
+        }),
         Status::BAD_STATE
     );
     d.evtq_thread().unwrap();
@@ -295,4 +301,195 @@ fn a_frontend_that_breaks_the_ring_loses_its_session_not_the_daemon() {
     // The daemon serves the next frontend as usual.
     let mut qemu = daemon.connect().unwrap().with_shared_region(true);
     scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+}
+
+/// With SHARED_TRANSLATE a miss goes through the region (10.9), and a frontend that sleeps
+/// while it waits, for an answer or for its posted writes before a read, is woken by the call.
+/// The daemon is stopped (SIGSTOP) while the frontend asks, and continued 50 ms later, so the
+/// frontend must sleep; a backend that did not call would leave it asleep until the mock's 5 s
+/// deadline, so each such wait must end well before it (2.5 s: 50 times the pause).
+#[test]
+fn a_sleeping_frontend_is_called_when_its_answer_or_its_writes_are_done() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let mut daemon = PrivateDaemon::start("shared-call").unwrap();
+    let pid = Pid::from_raw(i32::try_from(daemon.process().unwrap().pid()).unwrap()).unwrap();
+    // Stops the daemon now and continues it 50 ms later.
+    let woken_in_time = |since: std::time::Instant, what: &str| {
+        let took = since.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(2500),
+            "{what}: {took:?}, not woken by the call"
+        );
+    };
+    let pause = || {
+        kill_process(pid, Signal::STOP).unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            kill_process(pid, Signal::CONT).unwrap();
+        })
+    };
+    let mut qemu = started(&daemon);
+    let shared = qemu.shared().unwrap().clone();
+    assert!(shared.translates(), "the backend offers SHARED_TRANSLATE");
+    let mut d = guest_on(&qemu);
+    let (handle, sid) = (3, 0x18);
+    qemu.attach(handle, sid).unwrap();
+    let pt = d.new_s1_pgtable(Granule::G4K).unwrap();
+    // Every other page mapped: each is a miss of its own (the prefetch stops at the gaps).
+    let iova = 0x4_0000_0000u64;
+    let mut pages = Vec::new();
+    for i in 0..4u64 {
+        let pa = d.alloc_zeroed(0x1000, 0x1000).unwrap();
+        d.map(&pt, iova + 2 * i * 0x1000, pa, 0x1000, prot::RW)
+            .unwrap();
+        pages.push(pa);
+    }
+    let domain = d.attach_s1(sid, pt, 7).unwrap();
+    let before = shared.sent();
+    for (i, &pa) in pages.iter().enumerate() {
+        let paused = (i % 2 == 1).then(pause);
+        let asleep = shared.sent().sleeps;
+        let since = std::time::Instant::now();
+        assert_eq!(
+            qemu.translate(
+                handle,
+                None,
+                iova + 2 * i as u64 * 0x1000 + 0x24,
+                Access::READ
+            )
+            .unwrap(),
+            Dma::Address {
+                gpa: pa + 0x24,
+                cached: false
+            },
+            "page {i}"
+        );
+        if let Some(paused) = paused {
+            woken_in_time(since, "a translation");
+            paused.join().unwrap();
+            assert!(
+                shared.sent().sleeps > asleep,
+                "page {i}: the frontend slept"
+            );
+        }
+    }
+    // An unmap while the daemon is stopped: the driver's TLBI and CMD_SYNC are posted, and its
+    // read of CONS waits for them asleep.
+    domain.pt.unmap(&d.mem, iova).unwrap();
+    let paused = pause();
+    let asleep = shared.sent().sleeps;
+    let since = std::time::Instant::now();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhVa(Tlbi {
+        asid: domain.asid,
+        addr: iova,
+        leaf: true,
+        ..Tlbi::default()
+    }))
+    .unwrap();
+    woken_in_time(since, "an unmap");
+    paused.join().unwrap();
+    assert!(shared.sent().sleeps > asleep, "the read slept");
+    assert!(matches!(
+        qemu.translate(handle, None, iova, Access::READ).unwrap(),
+        Dma::Fault { .. }
+    ));
+    let sent = shared.sent();
+    assert_eq!(sent.requests - before.requests, 5, "{sent:?}");
+    assert_eq!(invalidations(&qemu), 0);
+    d.evtq_thread().unwrap();
+    assert!(d.port.take_error().is_none());
+    qemu.close().unwrap();
+}
+
+/// A frontend without SHARED_TRANSLATE still uses the region for registers and the cache, and
+/// sends TRANSLATE on a miss; SET_SHARED_REGION then takes two fds, not three.
+#[test]
+fn without_shared_translate_a_miss_is_a_message() {
+    use viommu_protocol::Features;
+    let daemon = PrivateDaemon::start("shared-no-xlate").unwrap();
+    let mut qemu = daemon
+        .connect()
+        .unwrap()
+        .with_shared_region(true)
+        .with_usable_features(
+            viommu_tests::FRONTEND_FEATURES.difference(Features::SHARED_TRANSLATE),
+        );
+    let report = scenario::linux_session(&mut qemu, &mut |_| {}).unwrap();
+    assert!(report.features.contains(Features::SHARED_REGION));
+    assert!(!report.features.contains(Features::SHARED_TRANSLATE));
+    let shared = qemu.shared().unwrap().clone();
+    assert!(!shared.translates());
+    assert!(report.translations > 0);
+    assert_eq!(shared.sent().requests, 0);
+    assert!(shared.sent().mirror_reads > 10);
+    qemu.close().unwrap();
+
+    // SET_SHARED_REGION with the wrong number of fds for the features is refused.
+    for (take, call) in [(true, false), (false, true)] {
+        let mut qemu = daemon.connect().unwrap().with_shared_region(true);
+        let mut usable = viommu_tests::FRONTEND_FEATURES;
+        if !take {
+            usable.remove(Features::SHARED_TRANSLATE);
+        }
+        qemu.negotiate_within(usable).unwrap();
+        let (_, fds) = viommu_tests::shared::SharedFrontend::create(call).unwrap();
+        let err = qemu
+            .frontend()
+            .call(&FrontendRequest::SetSharedRegion {
+                region: fds.region,
+                kick: fds.kick,
+                call: fds.call,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, viommu_protocol::Error::Remote { status, .. } if status == Status::INVALID_MESSAGE),
+            "SHARED_TRANSLATE {take}, call {call}: {err:?}"
+        );
+        qemu.close().unwrap();
+    }
+}
+
+/// A malformed translation request in the region (10.7, 10.9) gets an answer with the status
+/// an error reply to the TRANSLATE message would carry; the session goes on, and a good request
+/// after it is answered.
+#[test]
+fn a_malformed_translation_request_gets_an_error_answer() {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::{FileOffset, VolatileMemory};
+
+    let daemon = PrivateDaemon::start("shared-bad-request").unwrap();
+    let qemu = started(&daemon);
+    let shared = qemu.shared().unwrap().clone();
+    let file = std::fs::File::from(shared.region_fd().unwrap());
+    let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), 0x10000).unwrap();
+    let u32_at = |at: usize| map.get_atomic_ref::<AtomicU32>(at).unwrap();
+    let seq = u32_at(0x400);
+    let mut next = seq.load(Ordering::Relaxed);
+    let mut ask = |flags: u32, ssid: u32, reserved: u32| {
+        u32_at(0x408).store(0x18, Ordering::Relaxed);
+        u32_at(0x40c).store(ssid, Ordering::Relaxed);
+        map.get_atomic_ref::<AtomicU64>(0x410)
+            .unwrap()
+            .store(0x1000, Ordering::Relaxed);
+        u32_at(0x418).store(flags, Ordering::Relaxed);
+        u32_at(0x41c).store(reserved, Ordering::Relaxed);
+        next = next.wrapping_add(1);
+        seq.store(next, Ordering::Release);
+        // The backend serves the region before any message.
+        qemu.frontend().call(&FrontendRequest::GetIdRegs).unwrap();
+        assert_eq!(u32_at(0x440).load(Ordering::Acquire), next);
+        (
+            u32_at(0x444).load(Ordering::Relaxed),
+            u32_at(0x45c).load(Ordering::Relaxed),
+        )
+    };
+    let invalid = Status::INVALID_MESSAGE.0;
+    assert_eq!(ask(1 << 5, 0, 0).0, invalid, "a reserved flag");
+    assert_eq!(ask(1 | 1 << 4, 1 << 20, 0).0, invalid, "a 21-bit SSID");
+    assert_eq!(ask(1, 7, 0).0, invalid, "an SSID without SSID_VALID");
+    assert_eq!(ask(1, 0, 9).0, invalid, "the reserved word");
+    // A good read: the vSMMU is not enabled and GBPA does not abort, an identity translation.
+    assert_eq!(ask(1, 0, 0), (0, 0));
+    qemu.close().unwrap();
 }

@@ -24,7 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use viommu_protocol::types::{ConfigFlags, ModelConfig};
+use viommu_protocol::types::{ConfigFlags, ModelConfig, TranslateReply, TranslateRequest};
 use viommu_protocol::{
     Backend, BackendChannel, Error, ErrorReply, Features, FrontendReply, FrontendRequest, Incoming,
     Request, Status, socket::Patience,
@@ -46,7 +46,8 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::TRANSLATE)
     .union(Features::STATE)
     .union(Features::MSI)
-    .union(Features::SHARED_REGION);
+    .union(Features::SHARED_REGION)
+    .union(Features::SHARED_TRANSLATE);
 
 /// Most devices attached at once (ATTACH_DEVICE beyond it is NO_SPACE); a GET_DEVICE_SIDS
 /// reply can list them all.
@@ -345,8 +346,14 @@ impl Session {
         if self.shared.is_some() {
             let s = self.shared_counters;
             line.push_str(&format!(
-                ", shared region: {} posted writes, {} publications, {} cache fills ({} prefetched), {} cleared",
-                s.posted_writes, s.publications, s.cache_fills, s.prefetched, s.cache_clears
+                ", shared region: {} posted writes, {} translations, {} calls, {} publications, {} cache fills ({} prefetched), {} cleared",
+                s.posted_writes,
+                s.region_translations,
+                s.calls,
+                s.publications,
+                s.cache_fills,
+                s.prefetched,
+                s.cache_clears
             ));
         }
         if let Some(p) = self.passthrough.as_ref() {
@@ -479,6 +486,15 @@ impl Session {
         Ok(())
     }
 
+    /// TRANSLATE, whether it came as a message or through the shared region (10.9).
+    pub(super) fn translate(&mut self, t: &TranslateRequest) -> Result<TranslateReply, ErrorReply> {
+        let name = "TRANSLATE";
+        self.require(Phase::Configured, name)?;
+        self.require_feature(Features::TRANSLATE, name)?;
+        self.guest_access(name)?;
+        self.serve_translate(t)
+    }
+
     fn dispatch(&mut self, request: FrontendRequest) -> Result<FrontendReply, ErrorReply> {
         let name = request.name();
         match request {
@@ -498,6 +514,14 @@ impl Session {
                     return Err(refuse(
                         Status::INVALID_ARGUMENT,
                         "MSI needs BACKEND_CHANNEL",
+                    ));
+                }
+                if wanted.contains(Features::SHARED_TRANSLATE)
+                    && !wanted.contains(Features::SHARED_REGION | Features::TRANSLATE)
+                {
+                    return Err(refuse(
+                        Status::INVALID_ARGUMENT,
+                        "SHARED_TRANSLATE needs SHARED_REGION and TRANSLATE",
                     ));
                 }
                 self.features = wanted;
@@ -603,12 +627,7 @@ impl Session {
                     )),
                 }
             }
-            FrontendRequest::Translate(t) => {
-                self.require(Phase::Configured, name)?;
-                self.require_feature(Features::TRANSLATE, name)?;
-                self.guest_access(name)?;
-                self.serve_translate(&t).map(FrontendReply::Translate)
-            }
+            FrontendRequest::Translate(t) => self.translate(&t).map(FrontendReply::Translate),
             FrontendRequest::Reset => {
                 self.require(Phase::Configured, name)?;
                 if let Some(smmu) = self.smmu.as_mut() {
@@ -634,9 +653,9 @@ impl Session {
                 self.clear_all_translations();
                 Ok(FrontendReply::Ack)
             }
-            FrontendRequest::SetSharedRegion { region, kick } => {
+            FrontendRequest::SetSharedRegion { region, kick, call } => {
                 self.require_feature(Features::SHARED_REGION, name)?;
-                self.set_shared_region(region, kick)
+                self.set_shared_region(region, kick, call)
             }
             FrontendRequest::UpdateDevice { handle, sid, flags } => {
                 self.require(Phase::Configured, name)?;

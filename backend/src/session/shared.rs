@@ -1,12 +1,13 @@
 //! The shared region (docs/protocol.md, section 10): adopting it, applying the writes the
-//! frontend posts there, publishing the register file, and keeping the translation cache:
-//! filled (with prefetch) when a TRANSLATE is answered, cleaned before a CMD_SYNC completes.
+//! frontend posts there, answering the translation requests it places there, publishing the
+//! register file, and keeping the translation cache: filled (with prefetch) when a TRANSLATE
+//! is answered, cleaned before a CMD_SYNC completes.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use log::info;
-use viommu_protocol::shared::{BackendSide, CachedTranslation, Region, SharedError};
-use viommu_protocol::types::{AccessSize, MmioAccess};
+use log::{info, warn};
+use viommu_protocol::shared::{Answer, BackendSide, CachedTranslation, Region, SharedError};
+use viommu_protocol::types::{AccessSize, Features, MmioAccess};
 use viommu_protocol::{ErrorReply, FrontendReply, Status};
 use viommu_smmuv3::walk::AccessKind;
 use viommu_smmuv3::{SidRange, Translation};
@@ -19,11 +20,12 @@ pub const PREFETCH_PAGES: u64 = 64;
 /// once, faster than the backend could prefetch after replying.
 pub const PREFETCH_BEFORE_REPLY: u64 = 64;
 
-/// The session's shared region and its kick.
+/// The session's shared region, its kick, and with SHARED_TRANSLATE its call.
 #[derive(Debug)]
 pub(super) struct Shared {
     side: BackendSide,
     kick: OwnedFd,
+    call: Option<OwnedFd>,
     /// The miss whose neighbours are prefetched once its reply is sent.
     prefetch: Option<Miss>,
 }
@@ -51,6 +53,10 @@ pub struct SharedCounters {
     pub prefetched: u64,
     /// Entries cleared by invalidations.
     pub cache_clears: u64,
+    /// Translation requests answered through the region (10.9).
+    pub region_translations: u64,
+    /// Calls: writes of the call eventfd to wake a waiting frontend.
+    pub calls: u64,
 }
 
 /// A posted write, checked as an MMIO_WRITE payload is (10.4 step 2).
@@ -71,6 +77,7 @@ impl Session {
         &mut self,
         region: OwnedFd,
         kick: OwnedFd,
+        call: Option<OwnedFd>,
     ) -> Result<FrontendReply, ErrorReply> {
         if !matches!(self.phase, Phase::Negotiated | Phase::Configured) {
             return Err(refuse(
@@ -84,11 +91,24 @@ impl Session {
                 "the shared region is already set",
             ));
         }
+        let with_call = self.features.contains(Features::SHARED_TRANSLATE);
+        if call.is_some() != with_call {
+            return Err(refuse(
+                Status::INVALID_MESSAGE,
+                format!(
+                    "SET_SHARED_REGION carries {} fds; {} with SHARED_TRANSLATE{}",
+                    if call.is_some() { 3 } else { 2 },
+                    if with_call { 3 } else { 2 },
+                    if with_call { "" } else { " not negotiated" },
+                ),
+            ));
+        }
         let region =
             Region::adopt(region).map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
         self.shared = Some(Shared {
-            side: BackendSide::new(region),
+            side: BackendSide::new(region, with_call),
             kick,
+            call,
             prefetch: None,
         });
         self.publish();
@@ -125,9 +145,12 @@ impl Session {
         }
     }
 
-    /// Whether the frontend posted writes not applied yet (a memory load, for busy-polling).
+    /// Whether the frontend posted writes not applied yet, or a translation request (memory
+    /// loads, for busy-polling).
     pub fn writes_posted(&self) -> bool {
-        self.shared.as_ref().is_some_and(|s| s.side.writes_posted())
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.side.writes_posted() || s.side.translation_requested())
     }
 
     /// After any wake-up: the frontend need not kick (10.4 step 3).
@@ -137,16 +160,30 @@ impl Session {
         }
     }
 
+    /// Applies every posted write (10.4 step 2), then answers a translation request waiting
+    /// behind them (10.9), then calls the frontend if it sleeps waiting for either.
+    pub fn drain_posted(&mut self) -> Result<(), SessionError> {
+        let applied = self.apply_posted_writes()?;
+        let answered = self.answer_request()?;
+        if applied || answered {
+            self.call_if_waiting();
+        }
+        Ok(())
+    }
+
     /// Applies every posted write, each completely and published before `write_cons` moves
     /// past it (10.4 step 2). A broken ring ends the session after the writes before it.
-    pub fn drain_posted(&mut self) -> Result<(), SessionError> {
+    /// Returns whether there was any.
+    fn apply_posted_writes(&mut self) -> Result<bool, SessionError> {
+        let mut applied = false;
         loop {
             let Some(shared) = self.shared.as_ref() else {
-                return Ok(());
+                return Ok(applied);
             };
             let Some(write) = shared.side.next_write().map_err(SessionError::Shared)? else {
-                return Ok(());
+                return Ok(applied);
             };
+            applied = true;
             let access = check_posted(write.offset, write.size, write.value)
                 .map_err(SessionError::Shared)?;
             self.shared_counters.posted_writes =
@@ -168,6 +205,55 @@ impl Session {
             if let Some(why) = self.channel_broken.take() {
                 return Err(SessionError::ChannelBroken(why));
             }
+        }
+    }
+
+    /// Answers the translation request waiting in the region, if there is one (10.9): as the
+    /// TRANSLATE message would be answered, with the cache filled and prefetched the same way.
+    /// Returns whether there was one.
+    fn answer_request(&mut self) -> Result<bool, SessionError> {
+        let Some((seq, request)) = self.shared.as_ref().and_then(|s| s.side.next_request()) else {
+            return Ok(false);
+        };
+        let answer: Answer = match request {
+            Ok(t) => self.translate(&t).map_err(|e| {
+                warn!("a translation request refused: {}: {}", e.status, e.message);
+                e.status
+            }),
+            Err(e) => {
+                warn!("a malformed translation request refused: {e}");
+                Err(Status::INVALID_MESSAGE)
+            }
+        };
+        if answer.is_err() {
+            self.counters.refused = self.counters.refused.saturating_add(1);
+        }
+        if let Some(lost) = self.lost_ram() {
+            return Err(lost);
+        }
+        if let Some(shared) = self.shared.as_mut() {
+            shared.side.answer(seq, &answer);
+        }
+        self.shared_counters.region_translations =
+            self.shared_counters.region_translations.saturating_add(1);
+        self.prefetch();
+        if let Some(why) = self.channel_broken.take() {
+            return Err(SessionError::ChannelBroken(why));
+        }
+        Ok(true)
+    }
+
+    /// Writes the call eventfd if the frontend announced a wait it was not called for (10.9).
+    fn call_if_waiting(&mut self) {
+        let Some(shared) = self.shared.as_mut() else {
+            return;
+        };
+        if shared.call.is_some() && shared.side.frontend_waits() {
+            if let Some(call) = shared.call.as_ref() {
+                // A full eventfd counter (EAGAIN) still wakes the frontend.
+                let _ = rustix::io::write(call, &1u64.to_ne_bytes());
+            }
+            self.shared_counters.calls = self.shared_counters.calls.saturating_add(1);
         }
     }
 

@@ -974,6 +974,75 @@ fn session_seeds(root: &Path) {
     n += 1;
     let input = viommu_fuzz::session::Input { msgs };
     write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
+    // Translation requests through the region (SHARED_TRANSLATE): a good one before and after
+    // the vSMMU is enabled, then malformed ones (a reserved flag, a 21-bit SSID, the reserved
+    // word), each of which must get an error answer.
+    let msgs = vec![
+        Msg::SetFeatures { bits: 0xff },
+        Msg::SetConfig {
+            model: world.model.clone(),
+            idr_auto: false,
+        },
+        Msg::SetSharedRegion,
+        Msg::SetBackendChannel {
+            mode: ChannelMode::Answered { fail_every: 0 },
+        },
+        Msg::SetMemTable {
+            regions: vec![GpaSel::Ram0, GpaSel::Ram1],
+        },
+        Msg::Attach {
+            handle: 1,
+            sid,
+            passthrough: None,
+        },
+        Msg::RegionTranslate {
+            sid,
+            ssid: 0,
+            iova: 0x1000,
+            flags: 1,
+            reserved: 0,
+        },
+        Msg::Guest { world },
+        Msg::Posted {
+            entries: vec![
+                [0x3c | 4 << 32, 0],
+                [0x50 | 4 << 32, 0],
+                [0x20 | 4 << 32, 0xd],
+            ],
+            extra: 0,
+        },
+        Msg::RegionTranslate {
+            sid,
+            ssid: 0,
+            iova: 0x1000,
+            flags: 2,
+            reserved: 0,
+        },
+        Msg::RegionTranslate {
+            sid,
+            ssid: 0,
+            iova: 0x2000,
+            flags: 1 << 5,
+            reserved: 0,
+        },
+        Msg::RegionTranslate {
+            sid,
+            ssid: 1 << 20,
+            iova: 0x2000,
+            flags: 1 | 1 << 4,
+            reserved: 0,
+        },
+        Msg::RegionTranslate {
+            sid,
+            ssid: 0,
+            iova: 0x2000,
+            flags: 1,
+            reserved: 7,
+        },
+    ];
+    n += 1;
+    let input = viommu_fuzz::session::Input { msgs };
+    write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
 }
 
 fn main() {

@@ -5,7 +5,10 @@ use std::sync::atomic::fence;
 
 use super::layout::{MIRROR_SLOTS, RING_ENTRIES, off, ring_field, slot_field, slot_offset};
 use super::tcache::{self, CachedTranslation, TC_ENTRIES, TcEntry, entry_offset, field};
+use super::xlate::{self, Answer};
 use super::{Ordering, Region, SharedError};
+use crate::error::DecodeError;
+use crate::types::TranslateRequest;
 
 /// A posted write as the ring holds it, not yet validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +32,12 @@ pub struct BackendSide {
     write_cons: u32,
     /// Times the backend announced a sleep: the value of `backend_idle` while asleep.
     sleeps: u32,
+    /// Whether translation requests come through the region (SHARED_TRANSLATE).
+    requests: bool,
+    /// The `xlate_req.seq` last answered (10.9).
+    answered: u32,
+    /// The `frontend_wait` value last called for.
+    called: u32,
     tc: Vec<TcEntry>,
     /// The entries of `tc` holding a translation, by input base.
     by_base: BTreeSet<(u64, usize)>,
@@ -46,10 +55,14 @@ fn next_even(seq: u32) -> u32 {
 
 impl BackendSide {
     /// Takes over an adopted region: the ring is empty (checked by [`Region::adopt`]), and
-    /// every cache entry is cleared, since a previous backend may have filled it.
-    pub fn new(region: Region) -> Self {
+    /// every cache entry is cleared, since a previous backend may have filled it. With
+    /// `requests` (SHARED_TRANSLATE), translation requests are watched for too.
+    pub fn new(region: Region, requests: bool) -> Self {
         let write_cons = region.u32_at(off::WRITE_CONS).load(Ordering::Relaxed);
         let seq = region.u32_at(off::REG_SEQ).load(Ordering::Relaxed);
+        // A request left from an earlier connection is not answered: its frontend gave up on
+        // it when that connection ended.
+        let answered = region.u32_at(xlate::req::SEQ).load(Ordering::Acquire);
         let side = Self {
             region,
             // Continue from the count the frontend sees, even, so that a reader mid-section
@@ -59,6 +72,9 @@ impl BackendSide {
             published: false,
             write_cons,
             sleeps: 0,
+            requests,
+            answered,
+            called: 0,
             by_base: BTreeSet::new(),
             largest: 0,
             tc: vec![
@@ -164,11 +180,48 @@ impl BackendSide {
             .store(self.sleeps, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         let prod = self.u32(off::WRITE_PROD).load(Ordering::Relaxed);
-        if prod != self.write_cons {
+        if prod != self.write_cons || self.translation_requested() {
             self.woke();
             return false;
         }
         true
+    }
+
+    /// Whether a translation request waits (a relaxed load: for polling only;
+    /// [`BackendSide::next_request`] orders the payload's loads).
+    pub fn translation_requested(&self) -> bool {
+        self.requests && self.u32(xlate::req::SEQ).load(Ordering::Relaxed) != self.answered
+    }
+
+    /// The waiting translation request (10.9), decoded as a TRANSLATE payload: its number,
+    /// and the request or what is wrong with it. The caller answers it with
+    /// [`BackendSide::answer`].
+    pub fn next_request(&self) -> Option<(u32, Result<TranslateRequest, DecodeError>)> {
+        if !self.requests {
+            return None;
+        }
+        let seq = self.u32(xlate::req::SEQ).load(Ordering::Acquire);
+        (seq != self.answered).then(|| (seq, xlate::load_request(&self.region)))
+    }
+
+    /// Answers request `seq`: the fields, then `xlate_resp.seq` with release ordering. The
+    /// caller then calls the frontend if it waits ([`BackendSide::frontend_waits`]).
+    pub fn answer(&mut self, seq: u32, answer: &Answer) {
+        xlate::store_answer(&self.region, answer);
+        self.u32(xlate::resp::SEQ).store(seq, Ordering::Release);
+        self.answered = seq;
+    }
+
+    /// After an answer or applied writes: whether the frontend announced a wait it has not
+    /// been called for (10.9), in which case the caller writes the call eventfd.
+    pub fn frontend_waits(&mut self) -> bool {
+        fence(Ordering::SeqCst);
+        let wait = self.u32(off::FRONTEND_WAIT).load(Ordering::Relaxed);
+        if wait != 0 && wait != self.called {
+            self.called = wait;
+            return true;
+        }
+        false
     }
 
     /// After a wake-up: the frontend need not kick until the next [`prepare_to_sleep`].
@@ -298,7 +351,7 @@ mod tests {
     fn side() -> BackendSide {
         let region = Region::create().unwrap();
         let fd = region.fd().try_clone_to_owned().unwrap();
-        BackendSide::new(Region::adopt(fd).unwrap())
+        BackendSide::new(Region::adopt(fd).unwrap(), true)
     }
 
     proptest! {

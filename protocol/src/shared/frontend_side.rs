@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use super::layout::{RING_ENTRIES, mirror_slot, off, ring_field, slot_field};
 use super::tcache::{CachedTranslation, entry_offset, field, tc_index};
+use super::xlate::{self, Answer};
 use super::{Ordering, Region, SharedError};
+use crate::types::TranslateRequest;
 
 /// What posting a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,10 @@ pub struct FrontendSide {
     seen_cons: u32,
     /// The `backend_idle` value of the sleep this frontend last kicked.
     kicked: u32,
+    /// The last translation request's number (10.9).
+    request: u32,
+    /// Waits announced in `frontend_wait`.
+    waits: u32,
 }
 
 impl FrontendSide {
@@ -33,11 +39,17 @@ impl FrontendSide {
     /// empty then, `write_prod` == `write_cons`).
     pub fn new(region: Region) -> Self {
         let write_prod = region.u32_at(off::WRITE_PROD).load(Ordering::Relaxed);
+        let request = region.u32_at(xlate::req::SEQ).load(Ordering::Relaxed);
+        region
+            .u32_at(off::FRONTEND_WAIT)
+            .store(0, Ordering::Relaxed);
         Self {
             region,
             write_prod,
             seen_cons: write_prod,
             kicked: 0,
+            request,
+            waits: 0,
         }
     }
 
@@ -77,17 +89,66 @@ impl FrontendSide {
         self.region
             .u32_at(off::WRITE_PROD)
             .store(self.write_prod, Ordering::Release);
+        Ok(self.after_producing())
+    }
+
+    /// 10.4 step 4: a sequentially consistent fence, then a kick if the backend announced a
+    /// sleep this frontend has not kicked yet.
+    fn after_producing(&mut self) -> Posted {
         fence(Ordering::SeqCst);
         let idle = self
             .region
             .u32_at(off::BACKEND_IDLE)
             .load(Ordering::Relaxed);
-        Ok(if idle != 0 && idle != self.kicked {
+        if idle != 0 && idle != self.kicked {
             self.kicked = idle;
             Posted::Kick
         } else {
             Posted::Quiet
-        })
+        }
+    }
+
+    /// Sends a translation request through the region (10.9 steps 1 and 2); at most one is
+    /// outstanding. Returns whether to kick ([`Posted::Kick`]) or not ([`Posted::Quiet`]).
+    pub fn request_translation(&mut self, t: &TranslateRequest) -> Posted {
+        xlate::store_request(&self.region, t);
+        self.request = self.request.wrapping_add(1);
+        self.region
+            .u32_at(xlate::req::SEQ)
+            .store(self.request, Ordering::Release);
+        self.after_producing()
+    }
+
+    /// The answer to the outstanding request, once the backend stored it (10.9 step 3),
+    /// checked as a TRANSLATE reply: `Ok(None)` while it has not.
+    pub fn answer(&self) -> Result<Option<Answer>, SharedError> {
+        let seq = self.region.u32_at(xlate::resp::SEQ).load(Ordering::Acquire);
+        if seq != self.request {
+            return Ok(None);
+        }
+        xlate::load_answer(&self.region)
+            .map(Some)
+            .map_err(|e| SharedError::Broken(format!("translation answer: {e}")))
+    }
+
+    /// Before sleeping on the call eventfd (10.9): announces the wait. The caller then checks
+    /// once more what it waits for, and sleeps only if it still has to.
+    pub fn announce_wait(&mut self) {
+        self.waits = match self.waits.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        self.region
+            .u32_at(off::FRONTEND_WAIT)
+            .store(self.waits, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// After a wait: the backend need not call until the next [`FrontendSide::announce_wait`].
+    pub fn end_wait(&self) {
+        self.region
+            .u32_at(off::FRONTEND_WAIT)
+            .store(0, Ordering::Relaxed);
     }
 
     /// Reads the mirrored register at `offset` of `size` (4 or 8) bytes (10.3 steps 2 to 4).

@@ -19,6 +19,8 @@ pub mod off {
     pub const SIZE: usize = 0x000c;
     /// `write_prod`, u32: frontend writes.
     pub const WRITE_PROD: usize = 0x0040;
+    /// `frontend_wait`, u32: frontend writes (SHARED_TRANSLATE).
+    pub const FRONTEND_WAIT: usize = 0x0044;
     /// `write_cons`, u32: backend writes.
     pub const WRITE_CONS: usize = 0x0080;
     /// `backend_idle`, u32: backend writes.
@@ -29,6 +31,10 @@ pub mod off {
     pub const PAGE0: usize = 0x0100;
     /// `page1[12]`: registers 0x100a0..0x100d0.
     pub const PAGE1: usize = 0x0300;
+    /// `xlate_req`: frontend writes (SHARED_TRANSLATE, section 10.9).
+    pub const XLATE_REQ: usize = 0x0400;
+    /// `xlate_resp`: backend writes.
+    pub const XLATE_RESP: usize = 0x0440;
     /// `ring[256]`, 16 bytes each.
     pub const RING: usize = 0x1000;
     /// `tc[1792]`, 32 bytes each.
@@ -90,6 +96,11 @@ mod tests {
         // Frontend-written: write_prod (line 1) and the ring; backend-written: write_cons and
         // backend_idle (line 2), reg_seq (line 3), the mirror and the cache.
         assert_eq!(off::WRITE_PROD / 64, 1);
+        assert_eq!(off::FRONTEND_WAIT / 64, 1);
+        assert_eq!(off::XLATE_REQ % 64, 0);
+        assert_eq!(off::XLATE_RESP, off::XLATE_REQ + 64);
+        assert!(off::PAGE1 + 12 * 4 <= off::XLATE_REQ);
+        assert!(off::XLATE_RESP + 0x28 <= off::RING);
         assert_eq!(off::WRITE_CONS / 64, 2);
         assert_eq!(off::BACKEND_IDLE / 64, 2);
         assert_eq!(off::REG_SEQ / 64, 3);

@@ -15,6 +15,7 @@ mod backend_side;
 mod frontend_side;
 mod layout;
 mod tcache;
+mod xlate;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
@@ -27,6 +28,7 @@ pub use backend_side::{BackendSide, PostedWrite};
 pub use frontend_side::{FrontendSide, Posted};
 pub use layout::*;
 pub use tcache::{CachedTranslation, TC_ENTRIES, TcEntry, tc_index};
+pub use xlate::Answer;
 
 /// What can be wrong with a region handed over at SET_SHARED_REGION, or with its contents.
 #[derive(Debug, thiserror::Error)]
