@@ -62,10 +62,11 @@ struct Args {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll_us: u64,
 
-    /// After applying writes posted in the shared region, watch the ring this many microseconds
-    /// for the next one before sleeping (0: never). A guest's unmaps come in bursts, each ending
-    /// with a CMD_SYNC it waits for. Example: --ring-poll-us 0
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    /// With the shared region: the largest window, in microseconds, to watch it for the next
+    /// posted write or translation request before sleeping (0: never). The window adapts below
+    /// it, as KVM's halt polling does: it grows while work keeps arriving soon after each sleep
+    /// and shrinks to nothing when the guest's IOMMU work stops. Example: --ring-poll-us 0
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     ring_poll_us: u64,
 
     /// Largest output address size a frontend may configure (IDR5.OAS): 32, 36, 40, 42, 44 or

@@ -2,6 +2,7 @@
 
 pub mod endpoint;
 pub mod inherited;
+pub mod poll;
 pub mod sandbox;
 
 use std::io;
@@ -15,6 +16,7 @@ use rustix::pipe::{PipeFlags, pipe_with};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::session::{Session, SessionError, SessionOptions};
+use poll::AdaptivePoll;
 
 /// Errors of the event loop itself (a session's errors end only that session).
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +83,9 @@ pub struct Options {
     /// `halt_poll_ns` and QEMU's `poll-max-ns`, a short poll window trades a little CPU during a
     /// burst for round trips that skip the wake-up.
     pub busy_poll: Duration,
-    /// After a kick's posted writes are applied, keep watching the ring this long before
-    /// sleeping (zero: never).
+    /// With the shared region, the largest window to watch it (and the connection) before
+    /// sleeping (zero: never); the window adapts below it ([`poll::AdaptivePoll`]). Replaces
+    /// `busy_poll` for sessions with a shared region.
     pub ring_poll: Duration,
     /// What each session is allowed and how it reaches the host IOMMU.
     pub session: SessionOptions,
@@ -91,11 +94,12 @@ pub struct Options {
 /// The default busy-poll window.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
-/// The default window to watch the shared ring after a kick. Linux unmaps a virtio request's
-/// pages one by one, each with a TLBI and a CMD_SYNC it waits for, a few microseconds apart:
-/// watching the ring that long turns each doorbell after the first into no wake-up at all
-/// (measured in the e2e guest: disk reads 1.6x faster than sleeping after each).
-pub const DEFAULT_RING_POLL: Duration = Duration::from_micros(20);
+/// The default largest window to watch the shared region, KVM's default `halt_poll_ns` on x86
+/// (200 us). Linux unmaps a virtio request's pages one by one, each with a TLBI and a CMD_SYNC
+/// it waits for, a few microseconds apart, and a device's translation misses follow each other
+/// as closely: watching the region that long turns each doorbell or miss after the first into
+/// no wake-up at all, and the window shrinks to nothing when the guest's IOMMU work stops.
+pub const DEFAULT_RING_POLL: Duration = Duration::from_micros(200);
 
 impl Default for Options {
     fn default() -> Self {
@@ -130,24 +134,70 @@ enum Next {
     IfReadable,
 }
 
-/// Spins until a message or a posted write arrives, or `window` has passed. The ring is
-/// checked with a memory load, the connection with a poll.
+/// Spins until a message, a posted write or a translation request arrives, or `window` has
+/// passed. The region is checked with memory loads; the connection with a poll, a system call,
+/// so with a region (where messages are rare) only every 64th turn.
 fn poll_for_next(session: &Session, window: Duration) -> Next {
     if window.is_zero() {
         return Next::Quiet;
     }
+    let every = if session.kick().is_some() { 64u32 } else { 1 };
     let start = Instant::now();
+    let mut turn = 0u32;
     loop {
         if session.writes_posted() {
             return Next::Posted;
         }
-        if readable_now(session.connection()) {
-            return Next::Message;
+        if turn.is_multiple_of(every) {
+            if readable_now(session.connection()) {
+                return Next::Message;
+            }
+            if start.elapsed() >= window {
+                return Next::Quiet;
+            }
         }
-        if start.elapsed() >= window {
-            return Next::Quiet;
-        }
+        turn = turn.wrapping_add(1);
         std::hint::spin_loop();
+    }
+}
+
+/// The poll window between bursts: fixed (`busy_poll`) on the message path, adaptive with a
+/// shared region.
+#[derive(Debug)]
+struct Poller {
+    adaptive: AdaptivePoll,
+    /// When the last burst's final watch began, if the daemon went to sleep after it.
+    idle_since: Option<Instant>,
+}
+
+impl Poller {
+    fn new(options: &Options) -> Self {
+        Self {
+            adaptive: AdaptivePoll::new(options.ring_poll),
+            idle_since: None,
+        }
+    }
+
+    /// Watches for the next piece of work; notes when the watch began if none came.
+    fn next(&mut self, session: &Session, options: &Options) -> Next {
+        let window = if session.kick().is_some() {
+            self.adaptive.window()
+        } else {
+            options.busy_poll
+        };
+        let start = Instant::now();
+        let next = poll_for_next(session, window);
+        if next == Next::Quiet {
+            self.idle_since = Some(start);
+        }
+        next
+    }
+
+    /// The frontend woke the daemon: adapt the window to how long it was idle.
+    fn woken(&mut self) {
+        if let Some(since) = self.idle_since.take() {
+            self.adaptive.idle_ended(since.elapsed());
+        }
     }
 }
 
@@ -245,6 +295,7 @@ pub fn serve_connection(
     let mut kick_watched = false;
     let mut host_queues: Vec<(u32, RawFd)> = Vec::new();
     let mut events = [EpollEvent::default(); 8];
+    let mut poller = Poller::new(options);
     loop {
         if !channel_watched && let Some(channel) = session.channel() {
             watch(&epoll, channel, TOKEN_CHANNEL)?;
@@ -284,10 +335,11 @@ pub fn serve_connection(
                     }
                 }
                 TOKEN_KICK => {
-                    // The posted writes, then what follows within the ring-poll window.
+                    // The posted writes, then what follows within the poll window.
+                    poller.woken();
                     let served = session.handle_kick().and_then(|()| {
-                        let next = poll_for_next(&session, options.ring_poll);
-                        handle_burst(&mut session, options, next)
+                        let next = poller.next(&session, options);
+                        handle_burst(&mut session, options, &mut poller, next)
                     });
                     if let Some(end) = burst_end(&session, served) {
                         return Ok(end);
@@ -312,7 +364,8 @@ pub fn serve_connection(
                 // A kick's ring-poll window earlier in this batch of events may have served
                 // the message this event announced: look again rather than block in recv.
                 _ => {
-                    let served = handle_burst(&mut session, options, Next::IfReadable);
+                    poller.woken();
+                    let served = handle_burst(&mut session, options, &mut poller, Next::IfReadable);
                     if let Some(end) = burst_end(&session, served) {
                         return Ok(end);
                     }
@@ -322,11 +375,12 @@ pub fn serve_connection(
     }
 }
 
-/// Handles what woke the loop (a message, or writes posted in the shared region), then
-/// whatever follows within the busy-poll window.
+/// Handles what woke the loop (a message, or work posted in the shared region), then
+/// whatever follows within the poll window.
 fn handle_burst(
     session: &mut Session,
     options: &Options,
+    poller: &mut Poller,
     mut next: Next,
 ) -> Result<bool, SessionError> {
     loop {
@@ -344,7 +398,7 @@ fn handle_burst(
             }
             Next::Quiet | Next::IfReadable => return Ok(true),
         }
-        next = poll_for_next(session, options.busy_poll);
+        next = poller.next(session, options);
     }
 }
 
