@@ -32,8 +32,9 @@
 #
 # Output (stdout): `ok NAME` or `FAIL NAME: reason` per test, a summary line
 # `e2e: mode=M boot=B s (guest uptime U s) disk-read=R MB/s`, in user mode also a line
-# `e2e: per 4 KiB page read: X socket messages (T TRANSLATE, C backend-channel)` from the
-# backend's status lines at the guest's marks around the reads, then a last line
+# `e2e: per 4 KiB page read: X socket messages (T TRANSLATE, C backend-channel), R translations
+# in the shared region` from the backend's status lines at the guest's marks around the reads,
+# then a last line
 # `N passed, M failed`.
 # Step timings as `TIME <s> s: <step>` on stderr. A missing prerequisite prints one line starting
 # with `SKIPPED:` (the machine cannot provide it) or `ERROR:` (something broke) and no result line.
@@ -364,13 +365,16 @@ import re, sys
 lines = [l for l in open(sys.argv[1], errors="replace") if "status: state" in l][:2]
 def counts(line):
     get = lambda pat: int(re.search(pat, line).group(1))
+    region = re.search(r"shared region: \d+ posted writes, (\d+) translations", line)
     return (get(r"(\d+) messages \("), get(r"(\d+) translations"),
-            get(r"(\d+) backend-channel messages"))
+            get(r"(\d+) backend-channel messages"), int(region.group(1)) if region else 0)
 if len(lines) == 2:
-    (m0, t0, c0), (m1, t1, c1) = counts(lines[0]), counts(lines[1])
+    (m0, t0, c0, r0), (m1, t1, c1, r1) = counts(lines[0]), counts(lines[1])
     pages = int(sys.argv[2])
-    print("e2e: per 4 KiB page read: %.4f socket messages (%.4f TRANSLATE, %.4f backend-channel)"
-          % ((m1 - m0 + c1 - c0) / pages, (t1 - t0) / pages, (c1 - c0) / pages))
+    print("e2e: per 4 KiB page read: %.4f socket messages (%.4f TRANSLATE, %.4f backend-channel),"
+          " %.4f translations in the shared region"
+          % ((m1 - m0 + c1 - c0) / pages, (t1 - t0 - (r1 - r0)) / pages, (c1 - c0) / pages,
+             (r1 - r0) / pages))
 else:
     print("e2e: per 4 KiB page read: ? (no status lines at the marks)")
 EOF

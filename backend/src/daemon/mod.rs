@@ -155,6 +155,10 @@ fn poll_for_next(session: &Session, window: Duration) -> Next {
             if start.elapsed() >= window {
                 return Next::Quiet;
             }
+            if every > 1 {
+                // Let a task that shares this CPU run (QEMU itself, on a small host).
+                std::thread::yield_now();
+            }
         }
         turn = turn.wrapping_add(1);
         std::hint::spin_loop();

@@ -92,6 +92,10 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
             "busy-polling the connection between messages",
         ),
         (
+            libc::SYS_sched_yield,
+            "letting QEMU run while watching the shared region",
+        ),
+        (
             libc::SYS_fcntl,
             "fd flags and memfd seals of guest RAM regions",
         ),
