@@ -193,7 +193,7 @@ impl Side {
         Traffic {
             main: (reads + d_reads - shared.mirror_reads)
                 + (writes + d_writes - shared.posted)
-                + self.qemu.sent().translates
+                + (self.qemu.sent().translates - shared.requests)
                 + self.direct,
             channel: self.qemu.channel_state().log.len() as u64,
             kicks: shared.kicks,
