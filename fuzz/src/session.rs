@@ -728,6 +728,7 @@ impl Harness {
                     region: fd,
                     kick: eventfd(),
                     call,
+                    resume: false,
                 }) {
                     self.shared = map;
                 }

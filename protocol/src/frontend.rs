@@ -192,6 +192,9 @@ pub enum FrontendRequest {
         kick: OwnedFd,
         /// The eventfd the backend writes when the frontend may be asleep (SHARED_TRANSLATE).
         call: Option<OwnedFd>,
+        /// `flags` bit 0 RESUME (feature RESUME): take the vSMMU's state from the region a
+        /// backend that died left (docs/protocol.md, 10.10).
+        resume: bool,
     },
     /// UPDATE_DEVICE: an attached device's SID and flags now.
     UpdateDevice {
@@ -297,10 +300,15 @@ impl Request for FrontendRequest {
                 w.u64(blob.size);
                 fds.push(blob.fd.as_fd());
             }
-            FrontendRequest::SetSharedRegion { region, kick, call } => {
+            FrontendRequest::SetSharedRegion {
+                region,
+                kick,
+                call,
+                resume,
+            } => {
                 w.u64(crate::shared::REGION_SIZE as u64)
                     .u32(crate::shared::VERSION)
-                    .u32(0);
+                    .u32(u32::from(*resume));
                 fds.push(region.as_fd());
                 fds.push(kick.as_fd());
                 if let Some(call) = call {
@@ -466,7 +474,13 @@ impl Request for FrontendRequest {
                         reason: "only version 1 is defined",
                     });
                 }
-                r.reserved_u32("shared.reserved")?;
+                let flags = r.u32()?;
+                if flags & !1 != 0 {
+                    return Err(DecodeError::Reserved {
+                        field: "shared.flags",
+                        value: u64::from(flags & !1),
+                    });
+                }
                 // The region and the kick, and with SHARED_TRANSLATE the call (the session
                 // checks that the count matches the features).
                 let actual = fds.len();
@@ -483,6 +497,7 @@ impl Request for FrontendRequest {
                     region,
                     kick: eventfd(kick)?,
                     call: call.map(eventfd).transpose()?,
+                    resume: flags & 1 != 0,
                 }
             }
             code::UPDATE_DEVICE => {

@@ -45,6 +45,9 @@ bitflags! {
         /// Bit 7: translation requests through the shared region, and the call eventfd
         /// (docs/protocol.md, 10.9). Needs SHARED_REGION and TRANSLATE.
         const SHARED_TRANSLATE = 1 << 7;
+        /// Bit 8: SET_SHARED_REGION's RESUME flag, a new backend resuming from the region a
+        /// backend that died left (docs/protocol.md, 10.10). Needs SHARED_REGION.
+        const RESUME = 1 << 8;
     }
 }
 

@@ -338,10 +338,10 @@ fn reserved_fields_and_ranges() {
         ),
         (
             code::SET_SHARED_REGION,
-            le(&[0x10000, 1, 1], &[8, 4, 4]),
+            le(&[0x10000, 1, 3], &[8, 4, 4]),
             DecodeError::Reserved {
-                field: "shared.reserved",
-                value: 1,
+                field: "shared.flags",
+                value: 2,
             },
         ),
         (

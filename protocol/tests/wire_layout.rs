@@ -104,7 +104,7 @@ fn get_features_and_its_reply() {
         Ok(FrontendReply::Features(Features::all())),
         "01 00 00 00  05 00 00 00  10 00 00 00
          00 00 00 00  00 00 00 00
-         ff 00 00 00 00 00 00 00",
+         ff 01 00 00 00 00 00 00",
     );
 }
 
@@ -281,6 +281,7 @@ fn shared_region_messages() {
             region: region.fd().try_clone_to_owned().unwrap(),
             kick: common::eventfd_new(),
             call: None,
+            resume: false,
         },
         "14 00 00 00  01 00 00 00  10 00 00 00
          00 00 01 00 00 00 00 00  01 00 00 00  00 00 00 00",
@@ -291,9 +292,21 @@ fn shared_region_messages() {
             region: region.fd().try_clone_to_owned().unwrap(),
             kick: common::eventfd_new(),
             call: Some(common::eventfd_new()),
+            resume: false,
         },
         "14 00 00 00  01 00 00 00  10 00 00 00
          00 00 01 00 00 00 00 00  01 00 00 00  00 00 00 00",
+    );
+    // With RESUME (10.10): flags bit 0.
+    check_request(
+        FrontendRequest::SetSharedRegion {
+            region: region.fd().try_clone_to_owned().unwrap(),
+            kick: common::eventfd_new(),
+            call: None,
+            resume: true,
+        },
+        "14 00 00 00  01 00 00 00  10 00 00 00
+         00 00 01 00 00 00 00 00  01 00 00 00  01 00 00 00",
     );
     // UPDATE_DEVICE (21): handle 7, SID 0x0108, UNMAP_NOTIFY.
     check_request(

@@ -44,7 +44,8 @@ pub const FRONTEND_FEATURES: Features = Features::PASSTHROUGH
     .union(Features::STATE)
     .union(Features::MSI)
     .union(Features::SHARED_REGION)
-    .union(Features::SHARED_TRANSLATE);
+    .union(Features::SHARED_TRANSLATE)
+    .union(Features::RESUME);
 
 /// The outcome of a DMA translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +94,8 @@ pub struct MockQemu {
     /// The features [`MockQemu::negotiate`] may take.
     usable: Features,
     shared: Option<Rc<shared::SharedFrontend>>,
+    /// The configuration [`MockQemu::start`] sent, for a resume to send again.
+    config: Option<ModelConfig>,
 }
 
 impl MockQemu {
@@ -129,6 +132,7 @@ impl MockQemu {
             use_shared: shared::wanted_by_default(),
             usable: FRONTEND_FEATURES,
             shared: None,
+            config: None,
         }
     }
 
@@ -179,6 +183,9 @@ impl MockQemu {
         if !wanted.contains(Features::SHARED_REGION | Features::TRANSLATE) {
             wanted.remove(Features::SHARED_TRANSLATE);
         }
+        if !wanted.contains(Features::SHARED_REGION) {
+            wanted.remove(Features::RESUME);
+        }
         self.main.call(&FrontendRequest::SetFeatures(wanted))?;
         self.features = wanted;
         Ok(wanted)
@@ -194,6 +201,26 @@ impl MockQemu {
     /// [`MockQemu::start`] with RAM that already exists (a reconnect, or a migration target,
     /// hands the backend the same guest RAM again).
     pub fn start_on(&mut self, config: ModelConfig, ram: MemfdRam) -> anyhow::Result<()> {
+        self.start_parts(config, ram, true)
+    }
+
+    /// [`MockQemu::start`] without setting up the shared region even when it was negotiated (a
+    /// frontend about to resume one, docs/protocol.md 10.10).
+    pub fn start_leaving_region(
+        &mut self,
+        config: ModelConfig,
+        ram_size: u64,
+    ) -> anyhow::Result<()> {
+        self.start_parts(config, MemfdRam::new(0, ram_size)?, false)
+    }
+
+    /// [`MockQemu::start_on`]; with `new_region` false the shared region is left for a resume.
+    fn start_parts(
+        &mut self,
+        config: ModelConfig,
+        ram: MemfdRam,
+        new_region: bool,
+    ) -> anyhow::Result<()> {
         self.main.call(&FrontendRequest::SetMemTable(vec![(
             ram.region(),
             ram.fd()?,
@@ -226,7 +253,7 @@ impl MockQemu {
                 Arc::clone(&self.state),
             )?);
         }
-        if self.features.contains(Features::SHARED_REGION) {
+        if new_region && self.features.contains(Features::SHARED_REGION) {
             let with_call = self.features.contains(Features::SHARED_TRANSLATE);
             let (shared, fds) = shared::SharedFrontend::create(with_call)?;
             self.main
@@ -234,13 +261,57 @@ impl MockQemu {
                     region: fds.region,
                     kick: fds.kick,
                     call: fds.call,
+                    resume: false,
                 })
                 .context("SET_SHARED_REGION")?;
             self.shared = Some(shared);
         }
         self.main.call(&FrontendRequest::SetConfig(config))?;
+        self.config = Some(config);
         self.ram = Some(ram);
         Ok(())
+    }
+
+    /// After the backend of this session died (SIGKILL): a new session on `path` resumes the
+    /// vSMMU from the shared region (docs/protocol.md, 10.10), as QEMU does with
+    /// `reconnect-ms`: the set-up replayed (features, RAM, interrupts, channel, configuration,
+    /// the emulated devices at their SIDs), then SET_SHARED_REGION with RESUME and the same
+    /// region, kick and call. Returns the new session; the guest's RAM, interrupt eventfds and
+    /// region carry over (the interrupt eventfds are new ones), and what was posted into the
+    /// ring meanwhile is applied by the new backend.
+    pub fn resume_on(mut self, path: &Path) -> anyhow::Result<MockQemu> {
+        let shared = self
+            .shared
+            .take()
+            .context("no shared region to resume from")?;
+        let ram = self.ram.take().context("no guest RAM")?;
+        let config = self.config.context("not started")?;
+        if let Some(channel) = self.channel.take() {
+            // The dead backend's end is closed: the channel thread ends.
+            let _ = channel.stop();
+        }
+        let mut next = MockQemu::connect(path, Duration::from_secs(10))?
+            .with_shared_region(true)
+            .with_usable_features(self.usable);
+        next.negotiate()?;
+        if !next.features.contains(Features::RESUME) {
+            bail!("the new backend does not offer RESUME");
+        }
+        next.start_parts(config, ram, false)?;
+        for (&handle, &sid) in &self.devices {
+            next.attach(handle, sid)?;
+        }
+        let fds = shared.hand_over().context("the region's fds")?;
+        next.main
+            .call(&FrontendRequest::SetSharedRegion {
+                region: fds.region,
+                kick: fds.kick,
+                call: fds.call,
+                resume: true,
+            })
+            .context("SET_SHARED_REGION with RESUME")?;
+        next.shared = Some(shared);
+        Ok(next)
     }
 
     /// Guest RAM (after [`MockQemu::start`]).
@@ -668,6 +739,7 @@ pub struct PrivateDaemon {
     process: Option<BackendProcess>,
     dir: PathBuf,
     socket: PathBuf,
+    args: Vec<String>,
 }
 
 impl PrivateDaemon {
@@ -691,7 +763,21 @@ impl PrivateDaemon {
             process: Some(process),
             dir,
             socket,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         })
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of any kind) and starts a new one on the same
+    /// socket, as systemd's `Restart=on-failure` would.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        drop(self.process.take());
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.process = Some(BackendProcess::spawn_with(
+            &backend_binary_built()?,
+            &self.socket,
+            &args,
+        )?);
+        Ok(())
     }
 
     /// A mock QEMU connected to it (waiting for it to listen).

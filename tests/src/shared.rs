@@ -100,6 +100,21 @@ impl SharedFrontend {
         ))
     }
 
+    /// The fds to hand a resuming backend (docs/protocol.md, 10.10): the same region, kick and
+    /// call.
+    pub fn hand_over(&self) -> anyhow::Result<HandOver> {
+        Ok(HandOver {
+            region: self.region_fd()?,
+            kick: self.kick.try_clone().context("dup kick")?,
+            call: self
+                .call
+                .as_ref()
+                .map(|c| c.try_clone())
+                .transpose()
+                .context("dup call")?,
+        })
+    }
+
     /// Another fd of the region (to corrupt it on purpose, in tests of a hostile frontend).
     pub fn region_fd(&self) -> anyhow::Result<OwnedFd> {
         self.side
@@ -193,6 +208,26 @@ impl SharedFrontend {
     /// Whether translations go through the region (SHARED_TRANSLATE).
     pub fn translates(&self) -> bool {
         self.call.is_some()
+    }
+
+    /// Places a translation request in the region (10.9) without waiting for its answer (a
+    /// frontend whose backend dies before it answers); [`SharedFrontend::answer_now`] looks.
+    pub fn post_request(&self, t: &TranslateRequest) {
+        if self.side.borrow_mut().request_translation(t) == Posted::Kick {
+            self.kick();
+        }
+        let mut c = self.counters.borrow_mut();
+        c.requests = c.requests.saturating_add(1);
+    }
+
+    /// The answer to the request outstanding, if the backend gave it.
+    pub fn answer_now(&self) -> Result<Option<Answer>, SharedError> {
+        self.side.borrow().answer()
+    }
+
+    /// Waits for the answer to the request outstanding.
+    pub fn wait_answer(&self) -> Result<Answer, SharedError> {
+        self.wait_for("no answer to a translation request", |side| side.answer())
     }
 
     /// A translation request through the region (10.9), and its answer.

@@ -232,6 +232,7 @@ fn notified_devices_hear_of_unmaps_and_sids_are_pushed() {
             region: fds.region,
             kick: fds.kick,
             call: fds.call,
+            resume: false,
         }),
         Status::BAD_STATE
     );
@@ -439,6 +440,7 @@ fn without_shared_translate_a_miss_is_a_message() {
                 region: fds.region,
                 kick: fds.kick,
                 call: fds.call,
+                resume: false,
             })
             .unwrap_err();
         assert!(

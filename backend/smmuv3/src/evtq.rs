@@ -46,7 +46,7 @@ impl Smmu {
         }
     }
 
-    fn signal_eventq<M: GuestMemory>(&mut self, mem: &M) {
+    pub(crate) fn signal_eventq<M: GuestMemory>(&mut self, mem: &M) {
         if self.regs.irq_ctrl.eventq_irqen() {
             let cfg = self.regs.eventq_irq;
             self.signal(mem, IrqLine::Evtq, cfg);

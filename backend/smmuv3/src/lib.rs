@@ -356,7 +356,12 @@ impl Smmu {
 
     /// Signals an interrupt: an MSI when MSIs are implemented and configured, else the wired
     /// line.
-    fn signal<M: GuestMemory>(&mut self, mem: &M, line: IrqLine, cfg: register_file::IrqCfg) {
+    pub(crate) fn signal<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        line: IrqLine,
+        cfg: register_file::IrqCfg,
+    ) {
         match cfg
             .msi_address()
             .and_then(|address| self.msi_target(address))

@@ -76,6 +76,64 @@ pub enum RestoreError {
     },
 }
 
+impl SmmuSnapshot {
+    /// The snapshot a register file holds: `read(offset)` gives the u32 register at an MMIO
+    /// offset, as an MMIO read returns it (a copy of the mirror a backend publishes, from which
+    /// a backend that replaces a dead one resumes; docs/protocol.md 10.10). Every register that
+    /// holds state is readable, so the register file is the whole architectural state.
+    pub fn from_registers(read: impl Fn(u64) -> u32) -> Self {
+        use crate::spec::regs::offset;
+        let r64 = |o: u64| u64::from(read(o)) | u64::from(read(o.wrapping_add(4))) << 32;
+        let irq = |cfg0: u64, cfg1: u64, cfg2: u64| IrqState {
+            cfg0: r64(cfg0),
+            cfg1: read(cfg1),
+            cfg2: read(cfg2),
+        };
+        Self {
+            version: SNAPSHOT_VERSION,
+            id: [
+                read(offset::IDR0),
+                read(offset::IDR1),
+                read(offset::IDR2),
+                read(offset::IDR3),
+                read(offset::IDR4),
+                read(offset::IDR5),
+                read(offset::IIDR),
+                read(offset::AIDR),
+            ],
+            cr0: read(offset::CR0),
+            cr1: read(offset::CR1),
+            cr2: read(offset::CR2),
+            gbpa: read(offset::GBPA),
+            irq_ctrl: read(offset::IRQ_CTRL),
+            gerror: read(offset::GERROR),
+            gerrorn: read(offset::GERRORN),
+            gerror_irq: irq(
+                offset::GERROR_IRQ_CFG0,
+                offset::GERROR_IRQ_CFG1,
+                offset::GERROR_IRQ_CFG2,
+            ),
+            strtab_base: r64(offset::STRTAB_BASE),
+            strtab_base_cfg: read(offset::STRTAB_BASE_CFG),
+            cmdq: QueueState {
+                base: r64(offset::CMDQ_BASE),
+                prod: read(offset::CMDQ_PROD),
+                cons: read(offset::CMDQ_CONS),
+            },
+            eventq: QueueState {
+                base: r64(offset::EVENTQ_BASE),
+                prod: read(offset::EVENTQ_PROD),
+                cons: read(offset::EVENTQ_CONS),
+            },
+            eventq_irq: irq(
+                offset::EVENTQ_IRQ_CFG0,
+                offset::EVENTQ_IRQ_CFG1,
+                offset::EVENTQ_IRQ_CFG2,
+            ),
+        }
+    }
+}
+
 fn id_array(features: &Capabilities) -> [u32; 8] {
     let id = features.id_regs();
     [
@@ -171,6 +229,26 @@ impl Smmu {
         self.effects.push(Effect::StreamsChanged(SidRange::ALL));
         Ok(())
     }
+
+    /// Signals every enabled interrupt whose condition holds now: the event queue not empty,
+    /// global errors not acknowledged (GERROR != GERRORN). For a backend that resumes a vSMMU
+    /// whose previous backend may have died between a change and its interrupt; a spurious
+    /// edge only makes the driver look.
+    pub fn signal_pending<M: vm_memory::GuestMemory>(&mut self, mem: &M) {
+        let q = self
+            .regs
+            .eventq
+            .geometry(self.features.eventqs, crate::spec::event::Event::SIZE);
+        let (prod, cons) = (self.regs.eventq.prod, self.regs.eventq.cons);
+        let overflowed = (prod ^ cons) & queue_reg::OVERFLOW != 0;
+        if self.regs.cr0.eventqen() && (!q.is_empty(prod, cons) || overflowed) {
+            self.signal_eventq(mem);
+        }
+        if self.regs.gerror ^ self.regs.gerrorn != 0 && self.regs.irq_ctrl.gerror_irqen() {
+            let cfg = self.regs.gerror_irq;
+            self.signal(mem, crate::IrqLine::Gerror, cfg);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +257,80 @@ mod tests {
 
     use super::*;
     use crate::spec::regs::offset;
+
+    /// The register file an MMIO reader sees holds the whole architectural state: a snapshot
+    /// taken from it is the model's own, for Linux's probe-time values (the register values
+    /// arm-smmu-v3 writes for a 2^8-entry linear stream table and 2^8-entry queues).
+    #[test]
+    fn the_register_file_is_the_whole_state() {
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut a = Smmu::new(Capabilities::qemu_default());
+        for (off, size, value) in [
+            (offset::STRTAB_BASE, 8, 0x4000_0000_0008_0000),
+            (offset::STRTAB_BASE_CFG, 4, 0x8),
+            (offset::CMDQ_BASE, 8, 0x4000_0000_0009_0008),
+            (offset::EVENTQ_BASE, 8, 0x4000_0000_000a_0008),
+            (offset::EVENTQ_CONS, 4, 0x8000_0000),
+            (offset::GERRORN, 4, 0),
+            (offset::IRQ_CTRL, 4, 0x5),
+            (offset::CR1, 4, 0xd75),
+            (offset::CR2, 4, 0x4),
+            (offset::CR0, 4, 0xd),
+        ] {
+            assert_eq!(
+                a.mmio_write(&mem, off, size, value),
+                crate::CmdqStatus::Idle
+            );
+        }
+        let file: std::collections::BTreeMap<u64, u32> = (0..0x200u64)
+            .step_by(4)
+            .chain((0x100a0..0x100d0).step_by(4))
+            .map(|o| (o, a.mmio_read(o, 4) as u32))
+            .collect();
+        let read = |o: u64| file.get(&o).copied().unwrap_or(0);
+        assert_eq!(SmmuSnapshot::from_registers(read), a.snapshot());
+        let mut b = Smmu::new(Capabilities::qemu_default());
+        b.restore(&SmmuSnapshot::from_registers(read)).unwrap();
+        assert_eq!(b.snapshot(), a.snapshot());
+    }
+
+    /// A resumed vSMMU signals what may not have been signalled: an enabled event queue with
+    /// entries, unacknowledged global errors; nothing when there is nothing to signal.
+    #[test]
+    fn pending_interrupts_are_signalled_again() {
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut s = Smmu::new(Capabilities::qemu_default());
+        for (off, size, value) in [
+            (offset::EVENTQ_BASE, 8, 0x3_0000 | 7),
+            (offset::IRQ_CTRL, 4, 0x5),
+            (offset::CR0, 4, 0x4),
+        ] {
+            assert_eq!(
+                s.mmio_write(&mem, off, size, value),
+                crate::CmdqStatus::Idle
+            );
+        }
+        s.take_effects();
+        s.signal_pending(&mem);
+        assert!(s.take_effects().is_empty(), "an empty queue, no errors");
+        let mut snap = s.snapshot();
+        snap.eventq.prod = 2;
+        snap.gerror = 1;
+        s.restore(&snap).unwrap();
+        s.take_effects();
+        s.signal_pending(&mem);
+        let irqs: Vec<_> = s
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Irq(line) => Some(line),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(irqs, [crate::IrqLine::Evtq, crate::IrqLine::Gerror]);
+    }
 
     #[test]
     fn snapshot_round_trips_through_json_and_restores_registers() {

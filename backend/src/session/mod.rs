@@ -47,7 +47,8 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::STATE)
     .union(Features::MSI)
     .union(Features::SHARED_REGION)
-    .union(Features::SHARED_TRANSLATE);
+    .union(Features::SHARED_TRANSLATE)
+    .union(Features::RESUME);
 
 /// Most devices attached at once (ATTACH_DEVICE beyond it is NO_SPACE); a GET_DEVICE_SIDS
 /// reply can list them all.
@@ -194,6 +195,8 @@ pub struct Session {
     /// The shared region, once SET_SHARED_REGION set it.
     shared: Option<shared::Shared>,
     shared_counters: SharedCounters,
+    /// The vSMMU's state came from SET_STATE or a resume: neither may follow.
+    restored: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -255,6 +258,7 @@ impl Session {
             counters: SessionCounters::default(),
             shared: None,
             shared_counters: SharedCounters::default(),
+            restored: false,
         }
     }
 
@@ -516,6 +520,12 @@ impl Session {
                         "MSI needs BACKEND_CHANNEL",
                     ));
                 }
+                if wanted.contains(Features::RESUME) && !wanted.contains(Features::SHARED_REGION) {
+                    return Err(refuse(
+                        Status::INVALID_ARGUMENT,
+                        "RESUME needs SHARED_REGION",
+                    ));
+                }
                 if wanted.contains(Features::SHARED_TRANSLATE)
                     && !wanted.contains(Features::SHARED_REGION | Features::TRANSLATE)
                 {
@@ -650,12 +660,21 @@ impl Session {
                     return Err(refuse(Status::BAD_STATE, "SET_STATE after the guest ran"));
                 }
                 self.set_state(blob)?;
+                self.restored = true;
                 self.clear_all_translations();
                 Ok(FrontendReply::Ack)
             }
-            FrontendRequest::SetSharedRegion { region, kick, call } => {
+            FrontendRequest::SetSharedRegion {
+                region,
+                kick,
+                call,
+                resume,
+            } => {
                 self.require_feature(Features::SHARED_REGION, name)?;
-                self.set_shared_region(region, kick, call)
+                if resume {
+                    self.require_feature(Features::RESUME, "SET_SHARED_REGION with RESUME")?;
+                }
+                self.set_shared_region(region, kick, call, resume)
             }
             FrontendRequest::UpdateDevice { handle, sid, flags } => {
                 self.require(Phase::Configured, name)?;

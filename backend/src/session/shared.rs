@@ -6,13 +6,16 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use log::{info, warn};
-use viommu_protocol::shared::{Answer, BackendSide, CachedTranslation, Region, SharedError};
+use viommu_protocol::shared::{
+    Answer, BackendSide, CachedTranslation, Region, SharedError, mirror_slot,
+};
 use viommu_protocol::types::{AccessSize, Features, MmioAccess};
 use viommu_protocol::{ErrorReply, FrontendReply, Status};
+use viommu_smmuv3::snapshot::SmmuSnapshot;
 use viommu_smmuv3::walk::AccessKind;
 use viommu_smmuv3::{SidRange, Translation};
 
-use super::{Phase, Session, SessionError, refuse};
+use super::{Phase, Session, SessionError, model, refuse};
 
 /// Pages probed on each side of a translation miss (section 10.6, prefetch).
 pub const PREFETCH_PAGES: u64 = 64;
@@ -78,7 +81,11 @@ impl Session {
         region: OwnedFd,
         kick: OwnedFd,
         call: Option<OwnedFd>,
+        resume: bool,
     ) -> Result<FrontendReply, ErrorReply> {
+        if resume {
+            return self.resume_from_region(region, kick, call);
+        }
         if !matches!(self.phase, Phase::Negotiated | Phase::Configured) {
             return Err(refuse(
                 Status::BAD_STATE,
@@ -91,6 +98,84 @@ impl Session {
                 "the shared region is already set",
             ));
         }
+        self.check_call(call.as_ref())?;
+        let with_call = call.is_some();
+        let region =
+            Region::adopt(region).map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
+        self.shared = Some(Shared {
+            side: BackendSide::new(region, with_call),
+            kick,
+            call,
+            prefetch: None,
+        });
+        self.publish();
+        info!("shared region set");
+        Ok(FrontendReply::Ack)
+    }
+
+    /// SET_SHARED_REGION with RESUME (10.10): the vSMMU's state from the region a backend that
+    /// died left, in place of SET_STATE.
+    fn resume_from_region(
+        &mut self,
+        region: OwnedFd,
+        kick: OwnedFd,
+        call: Option<OwnedFd>,
+    ) -> Result<FrontendReply, ErrorReply> {
+        if self.phase != Phase::Configured || self.restored || self.shared.is_some() {
+            return Err(refuse(
+                Status::BAD_STATE,
+                format!(
+                    "SET_SHARED_REGION with RESUME is allowed once, in state CONFIGURED before \
+                     the guest ran and without SET_STATE (state {}{}{})",
+                    self.phase,
+                    if self.restored {
+                        ", state restored"
+                    } else {
+                        ""
+                    },
+                    if self.shared.is_some() {
+                        ", a region set"
+                    } else {
+                        ""
+                    },
+                ),
+            ));
+        }
+        self.check_call(call.as_ref())?;
+        let with_call = call.is_some();
+        let region = Region::adopt_to_resume(region)
+            .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
+        let side = BackendSide::resume(region, with_call);
+        let file = side.saved_registers();
+        let snapshot = SmmuSnapshot::from_registers(|offset| {
+            mirror_slot(offset)
+                .and_then(|slot| file.get(slot))
+                .copied()
+                .unwrap_or(0)
+        });
+        let smmu = model(&mut self.smmu)?;
+        smmu.restore(&snapshot)
+            .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
+        smmu.signal_pending(&self.ram);
+        self.shared = Some(Shared {
+            side,
+            kick,
+            call,
+            prefetch: None,
+        });
+        self.restored = true;
+        // The devices' translations re-evaluated, the interrupts signalled, then the registers
+        // published (10.3: before the interrupts' edges reach the guest, which they do only
+        // once the effects run).
+        self.run_effects()?;
+        self.publish();
+        let pending = self.shared.as_ref().map_or(0, |s| s.side.writes_waiting());
+        info!("vSMMU resumed from the shared region, {pending} posted write(s) to apply");
+        Ok(FrontendReply::Ack)
+    }
+
+    /// The call fd must come exactly with SHARED_TRANSLATE.
+    fn check_call(&self, call: Option<&OwnedFd>) -> Result<(), ErrorReply> {
         let with_call = self.features.contains(Features::SHARED_TRANSLATE);
         if call.is_some() != with_call {
             return Err(refuse(
@@ -103,17 +188,7 @@ impl Session {
                 ),
             ));
         }
-        let region =
-            Region::adopt(region).map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
-        self.shared = Some(Shared {
-            side: BackendSide::new(region, with_call),
-            kick,
-            call,
-            prefetch: None,
-        });
-        self.publish();
-        info!("shared region set");
-        Ok(FrontendReply::Ack)
+        Ok(())
     }
 
     /// The kick eventfd, once the region is set (for polling).

@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::fence;
 
-use super::layout::{MIRROR_SLOTS, RING_ENTRIES, off, ring_field, slot_field, slot_offset};
+use super::layout::{
+    MIRROR_SLOTS, RING_ENTRIES, off, ring_field, slot_field, slot_offset, state_field,
+};
 use super::tcache::{self, CachedTranslation, TC_ENTRIES, TcEntry, entry_offset, field};
 use super::xlate::{self, Answer};
 use super::{Ordering, Region, SharedError};
@@ -27,6 +29,8 @@ pub struct PostedWrite {
 pub struct BackendSide {
     region: Region,
     reg_seq: u32,
+    /// `state_seq` as last stored (10.10).
+    state_seq: u32,
     mirror: [u32; MIRROR_SLOTS],
     published: bool,
     write_cons: u32,
@@ -58,16 +62,29 @@ impl BackendSide {
     /// every cache entry is cleared, since a previous backend may have filled it. With
     /// `requests` (SHARED_TRANSLATE), translation requests are watched for too.
     pub fn new(region: Region, requests: bool) -> Self {
-        let write_cons = region.u32_at(off::WRITE_CONS).load(Ordering::Relaxed);
-        let seq = region.u32_at(off::REG_SEQ).load(Ordering::Relaxed);
         // A request left from an earlier connection is not answered: its frontend gave up on
         // it when that connection ended.
         let answered = region.u32_at(xlate::req::SEQ).load(Ordering::Acquire);
+        Self::take_over(region, requests, answered)
+    }
+
+    /// Takes over a region a backend that died left (10.10, [`Region::adopt_to_resume`]): the
+    /// ring's writes are still to be applied, and a request not answered yet is answered.
+    pub fn resume(region: Region, requests: bool) -> Self {
+        let answered = region.u32_at(xlate::resp::SEQ).load(Ordering::Acquire);
+        Self::take_over(region, requests, answered)
+    }
+
+    fn take_over(region: Region, requests: bool, answered: u32) -> Self {
+        let write_cons = region.u32_at(off::WRITE_CONS).load(Ordering::Relaxed);
+        let seq = region.u32_at(off::REG_SEQ).load(Ordering::Relaxed);
+        let state_seq = region.u32_at(off::STATE_SEQ).load(Ordering::Relaxed);
         let side = Self {
             region,
             // Continue from the count the frontend sees, even, so that a reader mid-section
             // notices the next update.
             reg_seq: seq.wrapping_add(1) & !1,
+            state_seq: state_seq.wrapping_add(1) & !1,
             mirror: [0; MIRROR_SLOTS],
             published: false,
             write_cons,
@@ -110,6 +127,20 @@ impl BackendSide {
         if self.published && next == self.mirror {
             return false;
         }
+        // The copy a resuming backend reads first (10.10), then the mirror.
+        let odd = self.state_seq.wrapping_add(1);
+        self.u32(off::STATE_SEQ).store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (slot, (&new, &old)) in next.iter().zip(self.mirror.iter()).enumerate() {
+            if !self.published || new != old {
+                self.region
+                    .u32_at(state_field(slot))
+                    .store(new, Ordering::Relaxed);
+            }
+        }
+        self.state_seq = odd.wrapping_add(1);
+        self.u32(off::STATE_SEQ)
+            .store(self.state_seq, Ordering::Release);
         let odd = self.reg_seq.wrapping_add(1);
         self.u32(off::REG_SEQ).store(odd, Ordering::Relaxed);
         fence(Ordering::Release);
@@ -126,6 +157,23 @@ impl BackendSide {
             .store(self.reg_seq, Ordering::Release);
         self.published = true;
         true
+    }
+
+    /// The register file a backend that died left (10.10): the copy in `state` if its count
+    /// is even, else the mirror (the copy was being written, so the mirror was not), as u32
+    /// slots, `page0` then `page1`. Read before this side publishes anything.
+    pub fn saved_registers(&self) -> [u32; MIRROR_SLOTS] {
+        let copy_complete = self.u32(off::STATE_SEQ).load(Ordering::Acquire) & 1 == 0;
+        let mut file = [0u32; MIRROR_SLOTS];
+        for (slot, value) in file.iter_mut().enumerate() {
+            let at = if copy_complete {
+                state_field(slot)
+            } else {
+                slot_field(slot)
+            };
+            *value = self.region.u32_at(at).load(Ordering::Relaxed);
+        }
+        file
     }
 
     /// The next posted write, if the frontend produced one (10.4 step 1 and 2). The caller
@@ -148,6 +196,14 @@ impl BackendSide {
             size: self.u32(at(4)).load(Ordering::Relaxed),
             value: self.region.u64_at(at(8)).load(Ordering::Relaxed),
         }))
+    }
+
+    /// Posted writes waiting to be applied (at most a ring's worth; for the log).
+    pub fn writes_waiting(&self) -> u32 {
+        self.u32(off::WRITE_PROD)
+            .load(Ordering::Relaxed)
+            .wrapping_sub(self.write_cons)
+            .min(RING_ENTRIES)
     }
 
     /// Whether `write_prod` moved past the writes applied (a relaxed load: for polling only;
@@ -389,6 +445,39 @@ mod tests {
             };
             prop_assert_eq!(left(&by_base), left(&walk));
         }
+    }
+
+    /// A backend that dies in the middle of a publication leaves a complete register file
+    /// either way (10.10): the copy when it finished it, else the mirror, which it had not
+    /// touched yet.
+    #[test]
+    fn a_publication_torn_by_death_leaves_a_complete_register_file() {
+        use crate::shared::layout::{off, state_field};
+        use crate::shared::{MIRROR_SLOTS, Ordering};
+        let region = Region::create().unwrap();
+        let fd = region.fd().try_clone_to_owned().unwrap();
+        let mut back = BackendSide::new(Region::adopt(fd).unwrap(), true);
+        back.publish(|offset| offset as u32 | 1);
+        back.publish(|offset| offset as u32 | 2);
+        let resumed = |region: &Region| {
+            let fd = region.fd().try_clone_to_owned().unwrap();
+            BackendSide::resume(Region::adopt_to_resume(fd).unwrap(), true).saved_registers()
+        };
+        let second: Vec<u32> = (0..MIRROR_SLOTS)
+            .map(|slot| crate::shared::slot_offset(slot) as u32 | 2)
+            .collect();
+        assert_eq!(resumed(&region).to_vec(), second);
+        // Death while copying the third publication: state_seq odd, half the copy new.
+        let seq = region.u32_at(off::STATE_SEQ).load(Ordering::Relaxed);
+        region
+            .u32_at(off::STATE_SEQ)
+            .store(seq.wrapping_add(1), Ordering::Relaxed);
+        for slot in 0..MIRROR_SLOTS / 2 {
+            region
+                .u32_at(state_field(slot))
+                .store(0xdead, Ordering::Relaxed);
+        }
+        assert_eq!(resumed(&region).to_vec(), second, "the mirror, untouched");
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub mod off {
     pub const XLATE_REQ: usize = 0x0400;
     /// `xlate_resp`: backend writes.
     pub const XLATE_RESP: usize = 0x0440;
+    /// `state_seq`: backend writes (10.10).
+    pub const STATE_SEQ: usize = 0x0480;
+    /// `state[140]`: a copy of the register file, backend writes (10.10).
+    pub const STATE: usize = 0x0500;
     /// `ring[256]`, 16 bytes each.
     pub const RING: usize = 0x1000;
     /// `tc[1792]`, 32 bytes each.
@@ -79,6 +83,11 @@ pub(crate) fn slot_field(slot: usize) -> usize {
     }
 }
 
+/// The region offset of slot `slot` of the register file's copy (`state`, 10.10).
+pub(crate) fn state_field(slot: usize) -> usize {
+    off::STATE.wrapping_add(4usize.wrapping_mul(slot))
+}
+
 /// The region offset of ring entry `index % RING_ENTRIES`, plus `field` (0, 4 or 8).
 pub(crate) fn ring_field(index: u32, field: usize) -> usize {
     off::RING
@@ -100,7 +109,10 @@ mod tests {
         assert_eq!(off::XLATE_REQ % 64, 0);
         assert_eq!(off::XLATE_RESP, off::XLATE_REQ + 64);
         assert!(off::PAGE1 + 12 * 4 <= off::XLATE_REQ);
-        assert!(off::XLATE_RESP + 0x28 <= off::RING);
+        assert!(off::XLATE_RESP + 0x28 <= off::STATE_SEQ);
+        assert_eq!(off::STATE_SEQ % 64, 0);
+        assert_eq!(off::STATE % 64, 0);
+        assert!(off::STATE + MIRROR_SLOTS * 4 <= off::RING);
         assert_eq!(off::WRITE_CONS / 64, 2);
         assert_eq!(off::BACKEND_IDLE / 64, 2);
         assert_eq!(off::REG_SEQ / 64, 3);

@@ -91,6 +91,16 @@ impl Region {
     /// [`REGION_SIZE`] bytes that can neither shrink nor grow, with version 1's header and an
     /// empty ring.
     pub fn adopt(fd: OwnedFd) -> Result<Self, SharedError> {
+        Self::adopt_with(fd, false)
+    }
+
+    /// Backend: [`Region::adopt`] for a resume (10.10): the ring may hold writes the previous
+    /// backend did not apply, up to a full ring.
+    pub fn adopt_to_resume(fd: OwnedFd) -> Result<Self, SharedError> {
+        Self::adopt_with(fd, true)
+    }
+
+    fn adopt_with(fd: OwnedFd, resume: bool) -> Result<Self, SharedError> {
         let stat = rustix::fs::fstat(&fd).map_err(|e| SharedError::File(format!("fstat: {e}")))?;
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(SharedError::File("not a regular file".into()));
@@ -126,9 +136,14 @@ impl Region {
         }
         let prod = region.u32_at(off::WRITE_PROD).load(Ordering::Acquire);
         let cons = region.u32_at(off::WRITE_CONS).load(Ordering::Relaxed);
-        if prod != cons {
+        if !resume && prod != cons {
             return Err(SharedError::Header(format!(
                 "write_prod {prod} != write_cons {cons}: the ring is not empty"
+            )));
+        }
+        if prod.wrapping_sub(cons) > RING_ENTRIES {
+            return Err(SharedError::Header(format!(
+                "write_prod {prod} is more than a ring ahead of write_cons {cons}"
             )));
         }
         Ok(region)
