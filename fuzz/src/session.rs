@@ -151,6 +151,12 @@ fuzz_enum! {
         /// A raw translation request in the shared region (docs/protocol.md, 10.9), then the
         /// backend serves the region as after a kick.
         RegionTranslate { sid: u32, ssid: u32, iova: u64, flags: u32, reserved: u32 },
+        /// SET_SHARED_REGION with RESUME (docs/protocol.md, 10.10; negotiated when `SetFeatures`
+        /// had bit 7 set, which here also asks for RESUME) of a region whose register file is
+        /// this session's IDs and the raw `regs` ([slot, value]) over zeros, in the copy
+        /// (`torn`: only in the mirror, the copy's count odd), with `pending` raw posted
+        /// writes in the ring.
+        ResumeRegion { regs: Vec<[u32; 2]>, torn: bool, pending: Vec<[u64; 2]> },
     }
 }
 
@@ -456,7 +462,11 @@ impl Harness {
                 self.send(FrontendRequest::GetFeatures);
             }
             Msg::SetFeatures { bits } => {
-                let f = Features::from_bits_truncate(u64::from(*bits));
+                let mut f = Features::from_bits_truncate(u64::from(*bits));
+                // Bit 8 does not fit the u8: RESUME comes with SHARED_TRANSLATE.
+                if f.contains(Features::SHARED_TRANSLATE) {
+                    f |= Features::RESUME;
+                }
                 if let Some(Ok(_)) = self.send(FrontendRequest::SetFeatures(f)) {
                     self.negotiated = f;
                 }
@@ -741,6 +751,11 @@ impl Harness {
                 flags,
                 reserved,
             } => self.translate_raw([*sid, *ssid, *flags, *reserved], *iova),
+            Msg::ResumeRegion {
+                regs,
+                torn,
+                pending,
+            } => self.resume_raw(regs, *torn, pending),
             Msg::UpdateDevice { handle, sid, flags } => {
                 self.send(FrontendRequest::UpdateDevice {
                     handle: u32::from(*handle % 8),
@@ -783,6 +798,76 @@ impl Harness {
                 eprintln!("posted writes: the session ends: {e}");
             }
             self.ended = true;
+        }
+    }
+
+    /// A region as a backend that died would leave it, with hostile contents, resumed with
+    /// SET_SHARED_REGION RESUME; then its ring is applied as after a kick.
+    fn resume_raw(&mut self, regs: &[[u32; 2]], torn: bool, pending: &[[u64; 2]]) {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use vm_memory::VolatileMemory;
+        let region = viommu_protocol::shared::Region::create().expect("shared region");
+        let file = std::fs::File::from(region.fd().try_clone_to_owned().expect("dup"));
+        let Ok(map) = vm_memory::mmap::MmapRegion::<()>::from_file(
+            vm_memory::FileOffset::new(file, 0),
+            viommu_protocol::shared::REGION_SIZE,
+        ) else {
+            return;
+        };
+        let u32_at = |off: usize| map.get_atomic_ref::<AtomicU32>(off).expect("region field");
+        // This session's ID registers (when it has a vSMMU), so that the restore gets past
+        // the ID check, then the raw values.
+        let mut file = [0u32; viommu_protocol::shared::MIRROR_SLOTS];
+        if let Some(id) = self.session.id_registers() {
+            file[..8].copy_from_slice(&id);
+        }
+        for &[slot, value] in regs.iter().take(64) {
+            if let Some(v) = usize::try_from(slot).ok().and_then(|s| file.get_mut(s)) {
+                *v = value;
+            }
+        }
+        let (copy, mirror) = (0x500usize, |slot: usize| {
+            if slot < 128 {
+                0x100 + 4 * slot
+            } else {
+                0x300 + 4 * (slot - 128)
+            }
+        });
+        for (slot, &value) in file.iter().enumerate() {
+            u32_at(mirror(slot)).store(value, Ordering::Relaxed);
+            if !torn {
+                u32_at(copy + 4 * slot).store(value, Ordering::Relaxed);
+            }
+        }
+        u32_at(0x480).store(if torn { 3 } else { 2 }, Ordering::Release);
+        let mut at = 0u32;
+        for &[word, value] in pending.iter().take(300) {
+            let entry = 0x1000 + (at % 256) as usize * 16;
+            u32_at(entry).store(word as u32, Ordering::Relaxed);
+            u32_at(entry + 4).store((word >> 32) as u8 as u32, Ordering::Relaxed);
+            map.get_atomic_ref::<AtomicU64>(entry + 8)
+                .expect("ring entry")
+                .store(value, Ordering::Relaxed);
+            at = at.wrapping_add(1);
+        }
+        u32_at(0x40).store(at, Ordering::Release);
+        let call = self
+            .negotiated
+            .contains(Features::SHARED_TRANSLATE)
+            .then(eventfd);
+        if let Some(Ok(_)) = self.send(FrontendRequest::SetSharedRegion {
+            region: region.fd().try_clone_to_owned().expect("dup"),
+            kick: eventfd(),
+            call,
+            resume: true,
+        }) {
+            self.shared = Some(map);
+            if let Err(e) = self.session.drain_posted() {
+                if self.trace {
+                    eprintln!("resumed ring: the session ends: {e}");
+                }
+                self.ended = true;
+            }
         }
     }
 

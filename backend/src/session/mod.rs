@@ -370,6 +370,15 @@ impl Session {
         line
     }
 
+    /// The vSMMU's ID registers as the register file holds them (IDR0..5, IIDR, AIDR), once
+    /// it is configured.
+    pub fn id_registers(&self) -> Option<[u32; 8]> {
+        let id = self.smmu.as_ref()?.id_regs();
+        Some([
+            id.idr[0], id.idr[1], id.idr[2], id.idr[3], id.idr[4], id.idr[5], id.iidr, id.aidr,
+        ])
+    }
+
     /// Number of attached devices.
     pub fn device_count(&self) -> usize {
         self.devices.len()

@@ -1002,7 +1002,9 @@ fn session_seeds(root: &Path) {
             flags: 1,
             reserved: 0,
         },
-        Msg::Guest { world },
+        Msg::Guest {
+            world: world.clone(),
+        },
         Msg::Posted {
             entries: vec![
                 [0x3c | 4 << 32, 0],
@@ -1043,6 +1045,64 @@ fn session_seeds(root: &Path) {
     n += 1;
     let input = viommu_fuzz::session::Input { msgs };
     write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
+    // A resume (RESUME) from a region a dead backend left: CR0 with the queues on, command
+    // and event queue bases and pointers (CONS ahead of PROD, a pointer wider than the queue),
+    // GERROR unacknowledged, with writes still in the ring; then the same with the copy torn
+    // (the mirror taken) and a ring that breaks the rules.
+    for torn in [false, true] {
+        let msgs = vec![
+            Msg::SetFeatures { bits: 0xff },
+            Msg::SetConfig {
+                model: world.model.clone(),
+                idr_auto: false,
+            },
+            Msg::SetBackendChannel {
+                mode: ChannelMode::Answered { fail_every: 0 },
+            },
+            Msg::SetMemTable {
+                regions: vec![GpaSel::Ram0, GpaSel::Ram1],
+            },
+            Msg::Attach {
+                handle: 1,
+                sid,
+                passthrough: None,
+            },
+            Msg::ResumeRegion {
+                regs: vec![
+                    [8, 0xd],        // CR0: SMMUEN, EVENTQEN, CMDQEN
+                    [20, 0x50],      // IRQ_CTRL
+                    [24, 1],         // GERROR
+                    [36, 0x10_0008], // CMDQ_BASE low
+                    [38, 0x40],      // CMDQ_PROD
+                    [39, 0x1ff],     // CMDQ_CONS
+                    [40, 0x20_0007], // EVENTQ_BASE low
+                    [130, 3],        // EVENTQ_PROD
+                ],
+                torn,
+                // The torn one's ring ends with a misaligned write: the session ends there.
+                pending: if torn {
+                    vec![
+                        [0x3c | 4 << 32, 1],
+                        [0x98 | 4 << 32, 0x41],
+                        [0x22 | 4 << 32, 1],
+                    ]
+                } else {
+                    vec![[0x3c | 4 << 32, 1], [0x98 | 4 << 32, 0x41]]
+                },
+            },
+            Msg::RegionTranslate {
+                sid,
+                ssid: 0,
+                iova: 0x1000,
+                flags: 1,
+                reserved: 0,
+            },
+            Msg::GetIdRegs,
+        ];
+        n += 1;
+        let input = viommu_fuzz::session::Input { msgs };
+        write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
+    }
 }
 
 fn main() {
