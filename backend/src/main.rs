@@ -4,6 +4,7 @@
 //! program conventions"): `--socket-path` or `--fd`, `--print-capabilities`; it never
 //! daemonizes and exits promptly on SIGTERM or SIGINT.
 
+use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ use clap::{ArgGroup, Parser};
 use log::error;
 use viommu_backend::daemon;
 use viommu_backend::daemon::endpoint::{self, Endpoint};
+use viommu_backend::daemon::notify::{self, Notifier};
 use viommu_backend::daemon::sandbox::{self, SandboxMode};
 use viommu_backend::limits::{ModelFeature, ModelLimits};
 use viommu_backend::session::{OFFERED_FEATURES, SessionOptions};
@@ -29,7 +31,11 @@ use viommu_backend::session::{OFFERED_FEATURES, SessionOptions};
 devices keep translating, and the iommufd objects stay for the next backend to adopt (see \
 docs/protocol.md, 4.3). SIGUSR1 logs one status line: the session's state, its devices with \
 their mode (emulated address space, or passthrough abort, bypass or nested S1) and the command, \
-translation, event and error counters.\n\nEnvironment: RUST_LOG overrides --log-level.",
+translation, event and error counters.\n\nEnvironment: RUST_LOG overrides --log-level. \
+NOTIFY_SOCKET, set by systemd for a Type=notify service (sd_notify(3)): the daemon tells the \
+service manager READY=1 once it accepts frontends, a STATUS= line as frontends come and go, and \
+STOPPING=1 when it stops, and removes the variable from its environment. A NOTIFY_SOCKET it \
+cannot use is logged and does not stop it from serving.",
     group(ArgGroup::new("socket").args(["socket_path", "fd", "listen_fd"]))
 )]
 struct Args {
@@ -110,6 +116,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let notify_socket = take_notify_socket();
     let args = Args::parse();
     if args.print_man_page {
         let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
@@ -135,13 +142,20 @@ fn main() -> ExitCode {
         .filter_level(args.log_level)
         .parse_default_env()
         .init();
-    match run(&args) {
+    match run(&args, notify_socket.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The service manager's `NOTIFY_SOCKET`. It is left in the environment (sd_notify(3)'s
+/// `unset_environment` is for programs that start others): the daemon starts no process, and
+/// unsetting would take an `unsafe` call outside the modules that need one.
+fn take_notify_socket() -> Option<OsString> {
+    std::env::var_os(notify::NOTIFY_SOCKET)
 }
 
 /// The capabilities document: type and the protocol features this build offers.
@@ -196,7 +210,7 @@ fn limits(args: &Args) -> ModelLimits {
     limits
 }
 
-fn run(args: &Args) -> anyhow::Result<()> {
+fn run(args: &Args, notify_socket: Option<&OsStr>) -> anyhow::Result<()> {
     let options = daemon::Options {
         busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
         ring_poll: std::time::Duration::from_micros(args.ring_poll_us),
@@ -217,6 +231,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         (None, None, Some(fd)) => Endpoint::Listener(fd),
         _ => bail!("one of --socket-path, --fd or --listen-fd is required (see --help)"),
     };
-    endpoint::run(&endpoint, args.sandbox, &options)?;
+    // Connected now, before the sandbox that would not allow it.
+    let notifier = Notifier::from_env_value(notify_socket);
+    endpoint::run(&endpoint, args.sandbox, &options, &notifier)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Where the daemon gets its frontends (a socket path it binds, an inherited listening socket,
 //! or one inherited connection), and the start-up order around them: the socket first, then
-//! the signal handlers and the guest-RAM guard, then the sandbox, then serving.
+//! the signal handlers and the guest-RAM guard, then the sandbox, then readiness for the
+//! service manager (`READY=1`), then serving, then `STOPPING=1`.
 
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
@@ -11,8 +12,9 @@ use std::path::{Path, PathBuf};
 use log::info;
 
 use super::inherited::{self, InheritedFdError};
+use super::notify::Notifier;
 use super::sandbox::{self, SandboxError, SandboxMode};
-use super::{DaemonError, Options, Shutdown};
+use super::{DaemonError, Options, Served, Shutdown};
 use crate::session::ram_guard;
 
 /// Where frontends come from, as the command line names it.
@@ -79,8 +81,14 @@ enum Frontends<'a> {
 
 /// Opens `endpoint`, prepares the process (signals, guest-RAM guard, sandbox) and serves
 /// frontends until a signal asks the daemon to stop (or, for [`Endpoint::Connection`], until
-/// the one frontend leaves).
-pub fn run(endpoint: &Endpoint, sandbox: SandboxMode, options: &Options) -> Result<(), StartError> {
+/// the one frontend leaves). `notifier`, connected before the sandbox by the caller, hears
+/// `READY=1` once frontends can be served, their comings and goings, and `STOPPING=1`.
+pub fn run(
+    endpoint: &Endpoint,
+    sandbox: SandboxMode,
+    options: &Options,
+    notifier: &Notifier,
+) -> Result<(), StartError> {
     // The socket exists before the sandbox is entered.
     let frontends = match endpoint {
         Endpoint::SocketPath(path) => Frontends::Bound(path, listen(path)?),
@@ -97,22 +105,41 @@ pub fn run(endpoint: &Endpoint, sandbox: SandboxMode, options: &Options) -> Resu
         Frontends::Inherited(..) | Frontends::Connection(_) => None,
     };
     sandbox::enter(sandbox, socket_dir)?;
-    match frontends {
+    let result = match frontends {
         Frontends::Bound(path, listener) => {
             info!("listening on {}", path.display());
-            let result = super::serve_listener(&listener, &shutdown, options);
+            notifier.ready(&format!("listening on {}", path.display()));
+            let result = super::serve_listener(&listener, &shutdown, options, notifier);
+            stopping(notifier, &result);
             let _ = std::fs::remove_file(path);
-            result?;
+            result
         }
         Frontends::Inherited(fd, listener) => {
             info!("accepting frontends on inherited fd {fd}");
-            super::serve_listener(&listener, &shutdown, options)?;
+            notifier.ready(&format!("listening on inherited fd {fd}"));
+            let result = super::serve_listener(&listener, &shutdown, options, notifier);
+            stopping(notifier, &result);
+            result
         }
         Frontends::Connection(stream) => {
-            super::serve_connection(stream, &shutdown, options)?;
+            notifier.ready("serving the inherited connection");
+            let result = super::serve_connection(stream, &shutdown, options);
+            match result {
+                Ok(Served::Ended) => notifier.stopping("the frontend left; exiting"),
+                _ => stopping(notifier, &result),
+            }
+            result.map(|_| ())
         }
+    };
+    Ok(result?)
+}
+
+/// Tells the service manager that the daemon is on its way out, and why.
+fn stopping<T>(notifier: &Notifier, result: &Result<T, DaemonError>) {
+    match result {
+        Ok(_) => notifier.stopping("shutting down"),
+        Err(err) => notifier.stopping(&format!("failed: {}", crate::error_chain(err))),
     }
-    Ok(())
 }
 
 /// Binds the listening socket, replacing a stale socket file nobody listens on.

@@ -2,6 +2,7 @@
 
 pub mod endpoint;
 pub mod inherited;
+pub mod notify;
 pub mod poll;
 pub mod sandbox;
 
@@ -425,11 +426,13 @@ fn log_end(session: &Session) {
     );
 }
 
-/// Accepts frontends on `listener` one at a time until a shutdown signal arrives.
+/// Accepts frontends on `listener` one at a time until a shutdown signal arrives, telling the
+/// service manager (`notifier`) whether one is being served.
 pub fn serve_listener(
     listener: &UnixListener,
     shutdown: &Shutdown,
     options: &Options,
+    notifier: &notify::Notifier,
 ) -> Result<(), DaemonError> {
     let epoll = Epoll::new().map_err(DaemonError::Epoll)?;
     watch(&epoll, listener, TOKEN_LISTENER)?;
@@ -438,6 +441,7 @@ pub fn serve_listener(
         watch(&epoll, status, TOKEN_STATUS)?;
     }
     let mut events = [EpollEvent::default(); 4];
+    let mut frontends = 0u64;
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -457,10 +461,13 @@ pub fn serve_listener(
             }
             let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
             info!("frontend connected");
+            frontends = frontends.saturating_add(1);
+            notifier.status(&format!("serving a frontend (connection {frontends})"));
             if serve_connection(stream, shutdown, options)? == Served::Shutdown {
                 return Ok(());
             }
             info!("listening again");
+            notifier.status(&format!("listening; {frontends} frontend(s) served"));
         }
     }
 }

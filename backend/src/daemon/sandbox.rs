@@ -1,9 +1,9 @@
-//! The daemon's sandbox, entered after set-up (socket bound or adopted, signal handlers
-//! installed, logger ready) and before the first byte of frontend or guest input is read:
-//! no_new_privs, capabilities dropped, Landlock with no file-system access (but removing the
-//! listening socket's file at exit), and a seccomp allowlist of the system calls serving a
-//! frontend takes, with `ioctl` limited to the iommufd and VFIO requests the backend issues and
-//! `mmap`/`mprotect` never executable.
+//! The daemon's sandbox, entered after set-up (socket bound or adopted, the service manager's
+//! notification socket connected, signal handlers installed, logger ready) and before the first
+//! byte of frontend or guest input is read: no_new_privs, capabilities dropped, Landlock with no
+//! file-system access (but removing the listening socket's file at exit), and a seccomp
+//! allowlist of the system calls serving a frontend takes, with `ioctl` limited to the iommufd
+//! and VFIO requests the backend issues and `mmap`/`mprotect` never executable.
 
 use std::collections::BTreeMap;
 use std::ffi::c_ulong;
@@ -63,7 +63,10 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
             libc::SYS_read,
             "eventfd and signal-pipe reads, vEVENTQ records",
         ),
-        (libc::SYS_write, "IRQ eventfd writes, the log on stderr"),
+        (
+            libc::SYS_write,
+            "IRQ eventfd writes, the log on stderr, sd_notify datagrams (daemon::notify)",
+        ),
         (libc::SYS_writev, "the log on stderr"),
         (libc::SYS_close, "every fd a session releases"),
         (
