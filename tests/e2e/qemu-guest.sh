@@ -34,7 +34,8 @@
 # `e2e: mode=M boot=B s (guest uptime U s) disk-read=R MB/s`, in user mode also a line
 # `e2e: per 4 KiB page read: X socket messages (T TRANSLATE, C backend-channel), R translations
 # in the shared region` from the backend's status lines at the guest's marks around the reads,
-# then a last line
+# with kill-resume the lines `e2e: kill -9 outages (ms): A B C D E F` (see kill-resume below) and
+# `e2e: kill-resume: ...` (the guest's read at each kill, the QMP samples), then a last line
 # `N passed, M failed`.
 # Step timings as `TIME <s> s: <step>` on stderr. A missing prerequisite prints one line starting
 # with `SKIPPED:` (the machine cannot provide it) or `ERROR:` (something broke) and no result line.
@@ -46,7 +47,16 @@
 # stops the VM, restarts viommu-backend, waits for QEMU to reconnect and the new backend to
 # restore the vSMMU's state, and continues the VM); on the host: shutdown (the guest finished and
 # powered off), backend (user mode: viommu-backend exits with status 0 on SIGTERM, did not panic,
-# refused no message and answered the devices' translations).
+# refused no message and answered the devices' translations), kill-resume (user mode with the
+# shared region and a backend that offers RESUME: after backend-restart, while the guest goes on
+# reading its disk, viommu-backend is killed with SIGKILL at the start of 5 of its reads and once
+# during a burst of unmaps, and a new one started on the same socket each time; QEMU reconnects
+# and the new backend resumes the vSMMU from the shared region while the VM runs: QMP
+# query-status, polled every 20 ms, must say "running" throughout, with no STOP event, every read
+# from the first kill on must return the right data, and a read must follow the last kill).
+# The outage of a kill is the time from just before `kill -9` to the new backend's log line
+# "vSMMU resumed from the shared region", polled every 5 ms: the new backend has then taken the
+# vSMMU's state and applies the register writes QEMU posted meanwhile and answers what waited.
 #
 # Cache layout ($VIOMMU_E2E_CACHE):
 #   kernel/<sha256(kernel.config + linux-source version)>/Image   guest kernel (+ .config)
@@ -124,6 +134,7 @@ cleanup() {
     # the QEMU pid is that of timeout(1), which passes the signal on to QEMU
     [ -z "$QEMU_PID" ] || { kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null; } || true
     [ -z "$BACKEND_PID" ] || { kill -KILL "$BACKEND_PID" 2>/dev/null && wait "$BACKEND_PID" 2>/dev/null; } || true
+    [ -z "${QMP_POLL_PID:-}" ] || { kill "$QMP_POLL_PID" 2>/dev/null && wait "$QMP_POLL_PID" 2>/dev/null; } || true
     [ -z "$RUN" ] || rm -rf "$RUN"
     rm -rf "$CACHE"/tmp.*
 }
@@ -249,8 +260,17 @@ fail() { echo "FAIL $1: $2"; FAILED=$((FAILED + 1)); }
 RESTART_ARGS=""
 if [ "$MODE" = user ]; then
     # the backend-restart test: the guest reads the disk's first 8 MiB RESTART_LOOPS times while
-    # the host stops the VM, restarts viommu-backend and lets QEMU put the vSMMU back
+    # the host stops the VM, restarts viommu-backend and lets QEMU put the vSMMU back (and, for
+    # kill-resume, kills it six times afterwards)
     RESTART_LOOPS=12
+    KILL_RESUME=0
+    CAPABILITIES=$("$BACKEND" --print-capabilities 2>/dev/null || true)
+    if [ "$SHARED" = on ] && [[ $CAPABILITIES == *'"resume"'* ]]; then
+        KILL_RESUME=1
+        RESTART_LOOPS=18
+    else
+        note "kill-resume not run: it needs the shared region (VIOMMU_E2E_SHARED=on) and a backend that offers RESUME"
+    fi
     RESTART_ARGS=" e2e.restart=$RESTART_LOOPS e2e.sha8=$(head -c $((8 << 20)) "$DISK" | sha256sum | cut -d' ' -f1)"
     GUEST_TESTS+=(backend-restart)
 fi
@@ -358,6 +378,109 @@ restart_backend() {
     [ "$(qmp cont)" = "{}" ] || { RESTART="QMP cont failed"; return; }
     RESTART=ok
 }
+# backend_commands: the SMMU commands the running viommu-backend has executed, from the status
+# line it logs on SIGUSR1
+backend_commands() {
+    local before after
+    before=$(grep -c 'status: state' "$BACKEND_LOG" || true)
+    kill -USR1 "$BACKEND_PID" 2>/dev/null || return 1
+    for _ in $(seq 100); do
+        after=$(grep -c 'status: state' "$BACKEND_LOG" || true)
+        [ "$after" -gt "$before" ] && break
+        sleep 0.002
+    done
+    grep 'status: state' "$BACKEND_LOG" | tail -n1 | sed -n 's/.* \([0-9][0-9]*\) commands (.*/\1/p' | grep .
+}
+# qmp_poll STATUS STOP: a QMP client that asks query-status every 20 ms until the file STOP exists,
+# writing `<sent> <answered> <status>` lines (EPOCHREALTIME seconds) and `event <NAME>` for the
+# STOP and RESUME events into STATUS
+qmp_poll() {
+    python3 - "$RUN/qmp.sock" "$1" "$2" <<'EOF'
+import json, os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+out = open(sys.argv[2], "w", buffering=1)
+json.loads(f.readline())
+def call(cmd):
+    f.write(json.dumps({"execute": cmd}) + "\n")
+    f.flush()
+    while True:
+        line = f.readline()
+        if not line:
+            sys.exit(0)
+        msg = json.loads(line)
+        if msg.get("event") in ("STOP", "RESUME"):
+            out.write("event %s\n" % msg["event"])
+        if "return" in msg or "error" in msg:
+            return msg
+call("qmp_capabilities")
+while not os.path.exists(sys.argv[3]):
+    sent = time.time()
+    status = call("query-status").get("return", {}).get("status", "?")
+    out.write("%.6f %.6f %s\n" % (sent, time.time(), status))
+    time.sleep(0.02)
+EOF
+}
+# kill_resume: after the restart, at the start of the guest's next 5 reads (0.55 s after it
+# reported a read: it sleeps 0.5 s between them), then once during a burst of unmaps (the
+# backend's command count rising by 2 or more between two status samples ~10 ms apart while the
+# guest reads: its IOMMU driver invalidating the IOVAs it unmapped, TLBI and CMD_SYNC), SIGKILL
+# viommu-backend and start a new one on the same socket at once, then wait for the new one to
+# resume the vSMMU. KILLRES says what happened, OUTAGES has the outage of each kill in ms,
+# KILL_AT the guest's read count at each kill, BURST the commands seen in the burst
+kill_resume() {
+    local k loop t0 t1 c0 c1 end
+    loop=$(grep -c '^E2E-LOOP ' "$RUN/console.raw" || true)
+    rm -f "$RUN/qmp-poll.stop"
+    qmp_poll "$RUN/qmp-status.log" "$RUN/qmp-poll.stop" &
+    QMP_POLL_PID=$!
+    for k in 1 2 3 4 5 6; do
+        loop=$((loop + 1))
+        wait_line 120 "^E2E-LOOP $loop " "$RUN/console.raw" || { KILLRES="the guest never finished its read $loop"; break; }
+        sleep 0.55
+        if [ "$k" = 6 ]; then
+            c0=$(backend_commands) || { KILLRES="no command count in the backend's status line (log $BACKEND_LOG)"; break; }
+            end=$((SECONDS + 10))
+            while [ "$SECONDS" -lt "$end" ]; do
+                sleep 0.01
+                c1=$(backend_commands) || break
+                if [ $((c1 - c0)) -ge 2 ]; then
+                    BURST=$((c1 - c0))
+                    break
+                fi
+                c0=$c1
+            done
+            [ -n "$BURST" ] || { KILLRES="no burst of unmaps within 10 s of the guest's read $((loop + 1))"; break; }
+        fi
+        KILL_AT+=("$(grep -c '^E2E-LOOP ' "$RUN/console.raw" || true)")
+        t0=$EPOCHREALTIME
+        kill -KILL "$BACKEND_PID"
+        wait "$BACKEND_PID" 2>/dev/null || true
+        BACKEND_LOG=$LOGS/backend.log.kill$k
+        "$BACKEND" "${BACKEND_ARGS[@]}" --socket-path "$RUN/vsmmu.sock" >"$BACKEND_LOG" 2>&1 &
+        BACKEND_PID=$!
+        end=$((SECONDS + 60))
+        until grep -q -e 'vSMMU resumed from the shared region' -e 'shared region set' "$BACKEND_LOG"; do
+            if ! kill -0 "$BACKEND_PID" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; then
+                KILLRES="kill $k: the new viommu-backend did not take the shared region within 60 s (log $BACKEND_LOG)"
+                break 2
+            fi
+            sleep 0.005
+        done
+        t1=$EPOCHREALTIME
+        grep -q 'vSMMU resumed from the shared region' "$BACKEND_LOG" ||
+            { KILLRES="kill $k: the new viommu-backend was given a fresh region, not the vSMMU to resume (log $BACKEND_LOG)"; break; }
+        OUTAGES+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) * 1000 }')")
+        WINDOWS+=("$t0:$t1")
+    done
+    # the VM runs on after the last resume too
+    sleep 0.5
+    touch "$RUN/qmp-poll.stop"
+    wait "$QMP_POLL_PID" 2>/dev/null || true
+    QMP_POLL_PID=""
+    KILLRES=${KILLRES:-ok}
+}
 # per_page_messages: socket messages per page read, from the two status lines count_reads asked
 per_page_messages() {
     python3 - "$FIRST_BACKEND_LOG" $((3 * DISK_MB * 256)) <<'EOF'
@@ -389,9 +512,20 @@ count_reads() {
 }
 RESTART=""
 AT_RESTART=0
+KILLRES=""
+OUTAGES=()
+WINDOWS=()
+KILL_AT=()
+BURST=""
+QMP_POLL_PID=""
 if [ "$MODE" = user ] && [ -n "$BOOT" ]; then
     count_reads
     restart_backend
+    if [ "$KILL_RESUME" = 1 ] && [ "$RESTART" = ok ]; then
+        S_KILL=$EPOCHREALTIME
+        kill_resume
+        echo "TIME $(since "$S_KILL") s: kill-resume (${#OUTAGES[@]} kills)" >&2
+    fi
 fi
 QEMU_RC=0
 wait "$QEMU_PID" || QEMU_RC=$?
@@ -427,6 +561,35 @@ for name in "${GUEST_TESTS[@]}"; do
         fi ;;
     esac
 done
+if [ "${KILL_RESUME:-0}" = 1 ]; then
+    # the QMP samples, and how many fell within an outage
+    read -r SAMPLES NOT_RUNNING STOPS IN_OUTAGES < <(awk -v w="${WINDOWS[*]}" '
+        BEGIN { n = split(w, ws, " "); for (i = 1; i <= n; i++) { split(ws[i], ab, ":"); a[i] = ab[1]; b[i] = ab[2] } }
+        $1 == "event" { if ($2 == "STOP") stops++; next }
+        { samples++; if ($3 != "running") bad++
+          for (i = 1; i <= n; i++) if ($1 <= b[i] && $2 >= a[i]) { during++; break } }
+        END { print samples + 0, bad + 0, stops + 0, during + 0 }' "$RUN/qmp-status.log" 2>/dev/null || echo "0 0 0 0")
+    LAST_LOOP=$(grep -c '^E2E-LOOP ' "$CONSOLE" || true)
+    BAD_LOOPS=$(awk -v from="${KILL_AT[0]:-0}" '/^E2E-LOOP / && $2 > from && $3 != "ok"' "$CONSOLE" | wc -l)
+    PANICS=$(cat "$LOGS"/backend.log.kill* 2>/dev/null | grep -c panicked || true)
+    echo "e2e: kill -9 outages (ms): ${OUTAGES[*]:-none}"
+    echo "e2e: kill-resume: ${#OUTAGES[@]} kills at the guest's reads ${KILL_AT[*]:-none} of $RESTART_LOOPS (the last during a burst of ${BURST:-?} commands), $SAMPLES query-status samples ($IN_OUTAGES during the outages), $NOT_RUNNING not running, $STOPS STOP events"
+    if [ -z "$KILLRES" ]; then
+        fail kill-resume "it did not run (${RESTART:-the guest did not boot})"
+    elif [ "$KILLRES" != ok ]; then
+        fail kill-resume "$KILLRES"
+    elif [ "$SAMPLES" = 0 ] || [ "$NOT_RUNNING" != 0 ] || [ "$STOPS" != 0 ]; then
+        fail kill-resume "the VM did not keep running: $SAMPLES query-status samples, $NOT_RUNNING not running, $STOPS STOP events (log $RUN/qmp-status.log)"
+    elif [ "$BAD_LOOPS" != 0 ]; then
+        fail kill-resume "$BAD_LOOPS of the guest's reads from the first kill on returned wrong data"
+    elif [ "$LAST_LOOP" -le "${KILL_AT[5]}" ]; then
+        fail kill-resume "no read after the last kill (read ${KILL_AT[5]} of $LAST_LOOP)"
+    elif [ "$PANICS" != 0 ]; then
+        fail kill-resume "a resumed viommu-backend panicked (logs $LOGS/backend.log.kill*)"
+    else
+        pass kill-resume
+    fi
+fi
 if grep -q '^E2E-END' "$CONSOLE" && [ "$QEMU_RC" = 0 ]; then
     pass shutdown
 else
