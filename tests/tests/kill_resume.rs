@@ -177,7 +177,19 @@ fn same_as_uninterrupted(name: &str, middle: impl Fn(&mut World, bool)) -> World
 fn killed_while_idle() {
     let w = same_as_uninterrupted("idle", |w, kill| {
         if kill {
+            let blob = w.qemu.get_state().unwrap();
             w.kill_and_resume();
+            // A resumed vSMMU takes no SET_STATE, even before the guest touched it again.
+            let err = w.qemu.set_state(&blob).unwrap_err();
+            assert!(
+                matches!(
+                    err.downcast_ref::<viommu_protocol::Error>(),
+                    Some(viommu_protocol::Error::Remote { status, message, .. })
+                        if *status == viommu_protocol::Status::BAD_STATE
+                            && message.contains("resumed")
+                ),
+                "{err:#}"
+            );
         }
     });
     assert!(w.qemu.shared().unwrap().sent().posted > 0);

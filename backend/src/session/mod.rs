@@ -195,8 +195,10 @@ pub struct Session {
     /// The shared region, once SET_SHARED_REGION set it.
     shared: Option<shared::Shared>,
     shared_counters: SharedCounters,
-    /// The vSMMU's state came from SET_STATE or a resume: neither may follow.
+    /// The vSMMU's state came from SET_STATE or a resume: a resume may not follow.
     restored: bool,
+    /// The vSMMU was resumed from the shared region: SET_STATE may not follow.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -259,6 +261,7 @@ impl Session {
             shared: None,
             shared_counters: SharedCounters::default(),
             restored: false,
+            resumed: false,
         }
     }
 
@@ -667,6 +670,12 @@ impl Session {
                 self.require_feature(Features::STATE, name)?;
                 if self.phase == Phase::Running {
                     return Err(refuse(Status::BAD_STATE, "SET_STATE after the guest ran"));
+                }
+                if self.resumed {
+                    return Err(refuse(
+                        Status::BAD_STATE,
+                        "SET_STATE after the vSMMU was resumed from the shared region",
+                    ));
                 }
                 self.set_state(blob)?;
                 self.restored = true;

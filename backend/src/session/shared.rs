@@ -164,6 +164,7 @@ impl Session {
             prefetch: None,
         });
         self.restored = true;
+        self.resumed = true;
         // The devices' translations re-evaluated, the interrupts signalled, then the registers
         // published (10.3: before the interrupts' edges reach the guest, which they do only
         // once the effects run).
