@@ -39,9 +39,9 @@ use viommu_tests::guest::pgtable::{Granule, prot};
 use viommu_tests::guest::regs::{
     ARM_SMMU_GERRORN, ARM_SMMU_IDR0, ARM_SMMU_IRQ_CTRL, ARM_SMMU_IRQ_CTRLACK,
 };
-use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig, SmmuPort};
+use viommu_tests::guest::{Driver, SmmuPort};
 use viommu_tests::port::SocketPort;
-use viommu_tests::scenario::{ALLOC_START, default_config};
+use viommu_tests::scenario::{default_config, probed_guest};
 use viommu_tests::{BackendProcess, Dma, MockQemu, build_backend, scenario};
 use vm_memory::GuestMemoryMmap;
 
@@ -145,14 +145,7 @@ impl Side {
             "the shared region is used exactly by the `shared` frontend"
         );
         let idle_rss = status_kib(daemon.pid(), "VmRSS:");
-        let mem = qemu.mem().unwrap().clone();
-        let mut d = Driver::probe(
-            qemu.port(),
-            mem,
-            BumpAllocator::new(ALLOC_START, GIB),
-            DriverConfig::default(),
-        )
-        .unwrap();
+        let mut d = probed_guest(&qemu, GIB).unwrap();
         d.reset().unwrap();
         qemu.attach(HANDLE, SID).unwrap();
         let pt = d.new_s1_pgtable(Granule::G4K).unwrap();

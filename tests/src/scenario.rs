@@ -109,7 +109,22 @@ pub struct Report {
     pub sid_confirmations: usize,
 }
 
-type Guest<'a> = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
+type Guest<'a> = MockGuest;
+
+/// A guest driver on a mock QEMU's register window and RAM.
+pub type MockGuest = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
+
+/// A guest driver probed (`arm_smmu_device_probe`, default configuration) on `qemu`, its tables
+/// and queues allocated from [`ALLOC_START`] up to `ram_size`; not reset yet.
+pub fn probed_guest(qemu: &MockQemu, ram_size: u64) -> anyhow::Result<MockGuest> {
+    Driver::probe(
+        qemu.port(),
+        qemu.mem()?.clone(),
+        BumpAllocator::new(ALLOC_START, ram_size),
+        DriverConfig::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("probe: {e:?}"))
+}
 
 /// Runs the whole scenario on a connected, fresh session. `trace` receives one line per step.
 pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow::Result<Report> {
@@ -150,13 +165,7 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
 
     // The guest boots: arm_smmu_device_probe.
     let mem = qemu.mem()?.clone();
-    let mut d: Guest<'_> = Driver::probe(
-        qemu.port(),
-        mem.clone(),
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .map_err(|e| anyhow::anyhow!("probe: {e:?}"))?;
+    let mut d: Guest<'_> = probed_guest(qemu, RAM_SIZE)?;
     check_port(&mut d)?;
     trace(&format!(
         "guest probed IDR0 {:#010x} IDR1 {:#010x} IDR5 {:#010x}: {}-level stream table, {} SID bits, OAS {} bits",

@@ -232,14 +232,8 @@ impl SharedFrontend {
 
     /// A translation request through the region (10.9), and its answer.
     pub fn translate(&self, t: &TranslateRequest) -> Result<Answer, SharedError> {
-        if self.side.borrow_mut().request_translation(t) == Posted::Kick {
-            self.kick();
-        }
-        {
-            let mut c = self.counters.borrow_mut();
-            c.requests = c.requests.saturating_add(1);
-        }
-        self.wait_for("no answer to a translation request", |side| side.answer())
+        self.post_request(t);
+        self.wait_answer()
     }
 
     /// A register read from the mirror, `None` where it is not mirrored.

@@ -26,9 +26,7 @@ use viommu_tests::guest::regs::{
     ARM_SMMU_CR0, ARM_SMMU_CR0ACK, CR0_CMDQEN, CR0_EVTQEN, CR0_SMMUEN, GBPA_ABORT,
 };
 use viommu_tests::guest::ste::{make_abort_ste, make_bypass_ste};
-use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
-use viommu_tests::port::SocketPort;
-use viommu_tests::scenario::{ALLOC_START, RAM_SIZE, default_config};
+use viommu_tests::scenario::{MockGuest, RAM_SIZE, default_config, probed_guest};
 use viommu_tests::{Dma, MockQemu, PrivateDaemon};
 
 /// The device's SID at cold plug (its bus not yet numbered) and after enumeration.
@@ -64,7 +62,7 @@ enum Way {
     Gbpa,
 }
 
-type Guest = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
+type Guest = MockGuest;
 
 /// A booted guest with the device attached at its cold-plug SID, SMMUEN = 1 with every STE
 /// invalid, and two translating STEs ready to copy (each mapping IOVA to its own buffer).
@@ -79,14 +77,7 @@ fn boot(daemon: &PrivateDaemon) -> Rig {
     qemu.negotiate().unwrap();
     qemu.start(default_config(), RAM_SIZE).unwrap();
     qemu.attach(HANDLE, OLD_SID).unwrap();
-    let mem = qemu.mem().unwrap().clone();
-    let mut guest = Driver::probe(
-        qemu.port(),
-        mem,
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .unwrap();
+    let mut guest = probed_guest(&qemu, RAM_SIZE).unwrap();
     guest.reset().unwrap();
     // Two stage-1 domains built on scratch SIDs; their STEs are copied where a case wants them.
     let mut translate_ste = Vec::new();

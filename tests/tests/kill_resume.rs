@@ -23,9 +23,7 @@ use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::domain::S1Domain;
 use viommu_tests::guest::event::Event;
 use viommu_tests::guest::pgtable::{Granule, prot};
-use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
-use viommu_tests::port::SocketPort;
-use viommu_tests::scenario::{ALLOC_START, RAM_SIZE, default_config};
+use viommu_tests::scenario::{MockGuest, RAM_SIZE, default_config, probed_guest};
 use viommu_tests::{Dma, MockQemu, PrivateDaemon};
 
 const HANDLE: u32 = 3;
@@ -33,14 +31,12 @@ const SID: u32 = 0x18;
 const IOVA: u64 = 0x4_0000_0000;
 const PAGES: u64 = 8;
 
-type Guest = Driver<SocketPort, vm_memory::GuestMemoryMmap<()>>;
-
 /// A guest with its SMMU probed and enabled, one device in a stage-1 domain with 8 pages
 /// mapped, another device attached with no domain.
 struct World {
     daemon: PrivateDaemon,
     qemu: MockQemu,
-    d: Guest,
+    d: MockGuest,
     domain: S1Domain,
     pages: Vec<u64>,
 }
@@ -59,14 +55,7 @@ fn world(name: &str) -> World {
     qemu.negotiate().unwrap();
     qemu.start(default_config(), RAM_SIZE).unwrap();
     assert!(qemu.shared().is_some_and(|s| s.translates()));
-    let mem = qemu.mem().unwrap().clone();
-    let mut d = Driver::probe(
-        qemu.port(),
-        mem,
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .unwrap();
+    let mut d = probed_guest(&qemu, RAM_SIZE).unwrap();
     d.reset().unwrap();
     qemu.attach(HANDLE, SID).unwrap();
     qemu.attach(4, 0x20).unwrap();

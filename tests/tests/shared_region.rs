@@ -14,9 +14,7 @@ use viommu_protocol::{Access, FrontendRequest, Status};
 use viommu_tests::channel;
 use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::pgtable::{Granule, prot};
-use viommu_tests::guest::{BumpAllocator, Driver, DriverConfig};
-use viommu_tests::port::SocketPort;
-use viommu_tests::scenario::{self, ALLOC_START, RAM_SIZE, default_config};
+use viommu_tests::scenario::{self, MockGuest, RAM_SIZE, default_config, probed_guest};
 use viommu_tests::{Dma, MockQemu, PrivateDaemon};
 
 fn started(daemon: &PrivateDaemon) -> MockQemu {
@@ -36,15 +34,8 @@ fn sid_questions(qemu: &MockQemu) -> usize {
 }
 
 /// A guest driver probed and reset on `qemu`.
-fn guest_on(qemu: &MockQemu) -> Driver<SocketPort, vm_memory::GuestMemoryMmap<()>> {
-    let mem = qemu.mem().unwrap().clone();
-    let mut d = Driver::probe(
-        qemu.port(),
-        mem,
-        BumpAllocator::new(ALLOC_START, RAM_SIZE),
-        DriverConfig::default(),
-    )
-    .unwrap();
+fn guest_on(qemu: &MockQemu) -> MockGuest {
+    let mut d = probed_guest(qemu, RAM_SIZE).unwrap();
     d.reset().unwrap();
     d
 }
