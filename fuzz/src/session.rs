@@ -328,6 +328,39 @@ fn memfd(size: u64) -> OwnedFd {
     fd
 }
 
+/// Writes raw entries into a region's ring at its `write_prod` (offset in bits 31:0 of the
+/// first word, size in bits 39:32, the value in the second; at most 300), then moves
+/// `write_prod` by their number plus `extra`.
+fn write_ring(map: &vm_memory::mmap::MmapRegion<()>, entries: &[[u64; 2]], extra: u16) {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use vm_memory::VolatileMemory;
+    let u32_at = |off: usize| map.get_atomic_ref::<AtomicU32>(off).expect("region field");
+    let prod = u32_at(0x40);
+    let mut at = prod.load(Ordering::Relaxed);
+    for &[word, value] in entries.iter().take(300) {
+        let entry = 0x1000 + (at % 256) as usize * 16;
+        u32_at(entry).store(word as u32, Ordering::Relaxed);
+        u32_at(entry + 4).store((word >> 32) as u8 as u32, Ordering::Relaxed);
+        map.get_atomic_ref::<AtomicU64>(entry + 8)
+            .expect("ring entry")
+            .store(value, Ordering::Relaxed);
+        at = at.wrapping_add(1);
+    }
+    prod.store(at.wrapping_add(u32::from(extra)), Ordering::Release);
+}
+
+/// The backend serves the region as after a kick; a broken region ends the session
+/// (`ended`). Returns whether the session goes on.
+fn serve_region(session: &mut Session, trace: bool, ended: &mut bool, what: &str) -> bool {
+    if let Err(e) = session.drain_posted() {
+        if trace {
+            eprintln!("{what}: the session ends: {e}");
+        }
+        *ended = true;
+    }
+    !*ended
+}
+
 fn eventfd() -> OwnedFd {
     rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd")
 }
@@ -771,40 +804,22 @@ impl Harness {
     /// Writes raw entries into the shared ring and lets the backend apply them. A broken ring
     /// ends the session (as the daemon would drop it); nothing else may go wrong.
     fn post_raw(&mut self, entries: &[[u64; 2]], extra: u16) {
-        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-        use vm_memory::VolatileMemory;
         let Some(map) = self.shared.as_ref() else {
             return;
         };
-        let prod = map.get_atomic_ref::<AtomicU32>(0x40).expect("write_prod");
-        let mut at = prod.load(Ordering::Relaxed);
-        for &[word, value] in entries.iter().take(300) {
-            let entry = 0x1000 + (at % 256) as usize * 16;
-            let store32 = |off: usize, v: u32| {
-                map.get_atomic_ref::<AtomicU32>(off)
-                    .expect("ring entry")
-                    .store(v, Ordering::Relaxed)
-            };
-            store32(entry, word as u32);
-            store32(entry + 4, (word >> 32) as u8 as u32);
-            map.get_atomic_ref::<AtomicU64>(entry + 8)
-                .expect("ring entry")
-                .store(value, Ordering::Relaxed);
-            at = at.wrapping_add(1);
-        }
-        prod.store(at.wrapping_add(u32::from(extra)), Ordering::Release);
-        if let Err(e) = self.session.drain_posted() {
-            if self.trace {
-                eprintln!("posted writes: the session ends: {e}");
-            }
-            self.ended = true;
-        }
+        write_ring(map, entries, extra);
+        serve_region(
+            &mut self.session,
+            self.trace,
+            &mut self.ended,
+            "posted writes",
+        );
     }
 
     /// A region as a backend that died would leave it, with hostile contents, resumed with
     /// SET_SHARED_REGION RESUME; then its ring is applied as after a kick.
     fn resume_raw(&mut self, regs: &[[u32; 2]], torn: bool, pending: &[[u64; 2]]) {
-        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use std::sync::atomic::{AtomicU32, Ordering};
         use vm_memory::VolatileMemory;
         let region = viommu_protocol::shared::Region::create().expect("shared region");
         let file = std::fs::File::from(region.fd().try_clone_to_owned().expect("dup"));
@@ -840,17 +855,7 @@ impl Harness {
             }
         }
         u32_at(0x480).store(if torn { 3 } else { 2 }, Ordering::Release);
-        let mut at = 0u32;
-        for &[word, value] in pending.iter().take(300) {
-            let entry = 0x1000 + (at % 256) as usize * 16;
-            u32_at(entry).store(word as u32, Ordering::Relaxed);
-            u32_at(entry + 4).store((word >> 32) as u8 as u32, Ordering::Relaxed);
-            map.get_atomic_ref::<AtomicU64>(entry + 8)
-                .expect("ring entry")
-                .store(value, Ordering::Relaxed);
-            at = at.wrapping_add(1);
-        }
-        u32_at(0x40).store(at, Ordering::Release);
+        write_ring(&map, pending, 0);
         let call = self
             .negotiated
             .contains(Features::SHARED_TRANSLATE)
@@ -862,12 +867,12 @@ impl Harness {
             resume: true,
         }) {
             self.shared = Some(map);
-            if let Err(e) = self.session.drain_posted() {
-                if self.trace {
-                    eprintln!("resumed ring: the session ends: {e}");
-                }
-                self.ended = true;
-            }
+            serve_region(
+                &mut self.session,
+                self.trace,
+                &mut self.ended,
+                "resumed ring",
+            );
         }
     }
 
@@ -889,11 +894,13 @@ impl Harness {
         u32_at(0x41c).store(reserved, Ordering::Relaxed);
         let seq = u32_at(0x400).load(Ordering::Relaxed).wrapping_add(1);
         u32_at(0x400).store(seq, Ordering::Release);
-        if let Err(e) = self.session.drain_posted() {
-            if self.trace {
-                eprintln!("translation request: the session ends: {e}");
-            }
-            self.ended = true;
+        let trace = self.trace;
+        if !serve_region(
+            &mut self.session,
+            trace,
+            &mut self.ended,
+            "translation request",
+        ) {
             return;
         }
         let answered = u32_at(0x440).load(Ordering::Acquire);
