@@ -127,7 +127,7 @@ fn readable_now(stream: &UnixStream) -> bool {
 enum Next {
     /// A message on the main connection.
     Message,
-    /// Writes posted in the shared region.
+    /// Writes posted or a translation request in the shared region.
     Posted,
     /// Nothing within the window.
     Quiet,
@@ -146,7 +146,7 @@ fn poll_for_next(session: &Session, window: Duration) -> Next {
     let start = Instant::now();
     let mut turn = 0u32;
     loop {
-        if session.writes_posted() {
+        if session.region_has_work() {
             return Next::Posted;
         }
         if turn.is_multiple_of(every) {

@@ -39,6 +39,15 @@ use guest_memory::{GuestRam, MAX_MEM_SLOTS};
 use handed_out::HandedOut;
 use host_objects::HostObjects;
 
+/// Where a session's vSMMU state was restored from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restored {
+    /// SET_STATE's blob.
+    FromBlob,
+    /// The shared region a killed backend left (RESUME).
+    FromRegion,
+}
+
 /// Features this backend offers.
 pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::MEM_SLOTS)
@@ -195,10 +204,9 @@ pub struct Session {
     /// The shared region, once SET_SHARED_REGION set it.
     shared: Option<shared::Shared>,
     shared_counters: SharedCounters,
-    /// The vSMMU's state came from SET_STATE or a resume: a resume may not follow.
-    restored: bool,
-    /// The vSMMU was resumed from the shared region: SET_STATE may not follow.
-    resumed: bool,
+    /// Where the vSMMU's state came from, if not from its reset: after SET_STATE no resume may
+    /// follow, after a resume no SET_STATE.
+    restored: Option<Restored>,
 }
 
 impl std::fmt::Debug for Session {
@@ -260,8 +268,7 @@ impl Session {
             counters: SessionCounters::default(),
             shared: None,
             shared_counters: SharedCounters::default(),
-            restored: false,
-            resumed: false,
+            restored: None,
         }
     }
 
@@ -671,14 +678,14 @@ impl Session {
                 if self.phase == Phase::Running {
                     return Err(refuse(Status::BAD_STATE, "SET_STATE after the guest ran"));
                 }
-                if self.resumed {
+                if self.restored == Some(Restored::FromRegion) {
                     return Err(refuse(
                         Status::BAD_STATE,
                         "SET_STATE after the vSMMU was resumed from the shared region",
                     ));
                 }
                 self.set_state(blob)?;
-                self.restored = true;
+                self.restored = Some(Restored::FromBlob);
                 self.clear_all_translations();
                 Ok(FrontendReply::Ack)
             }

@@ -15,7 +15,7 @@ use viommu_smmuv3::snapshot::SmmuSnapshot;
 use viommu_smmuv3::walk::AccessKind;
 use viommu_smmuv3::{SidRange, Translation};
 
-use super::{Phase, Session, SessionError, model, refuse};
+use super::{Phase, Restored, Session, SessionError, model, refuse};
 
 /// Pages probed on each side of a translation miss (section 10.6, prefetch).
 pub const PREFETCH_PAGES: u64 = 64;
@@ -121,14 +121,14 @@ impl Session {
         kick: OwnedFd,
         call: Option<OwnedFd>,
     ) -> Result<FrontendReply, ErrorReply> {
-        if self.phase != Phase::Configured || self.restored || self.shared.is_some() {
+        if self.phase != Phase::Configured || self.restored.is_some() || self.shared.is_some() {
             return Err(refuse(
                 Status::BAD_STATE,
                 format!(
                     "SET_SHARED_REGION with RESUME is allowed once, in state CONFIGURED before \
                      the guest ran and without SET_STATE (state {}{}{})",
                     self.phase,
-                    if self.restored {
+                    if self.restored.is_some() {
                         ", state restored"
                     } else {
                         ""
@@ -163,8 +163,7 @@ impl Session {
             call,
             prefetch: None,
         });
-        self.restored = true;
-        self.resumed = true;
+        self.restored = Some(Restored::FromRegion);
         // The devices' translations re-evaluated, the interrupts signalled, then the registers
         // published (10.3: before the interrupts' edges reach the guest, which they do only
         // once the effects run).
@@ -223,7 +222,7 @@ impl Session {
 
     /// Whether the frontend posted writes not applied yet, or a translation request (memory
     /// loads, for busy-polling).
-    pub fn writes_posted(&self) -> bool {
+    pub fn region_has_work(&self) -> bool {
         self.shared
             .as_ref()
             .is_some_and(|s| s.side.writes_posted() || s.side.translation_requested())
