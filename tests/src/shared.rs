@@ -101,8 +101,9 @@ impl SharedFrontend {
     }
 
     /// The fds to hand a resuming backend (docs/protocol.md, 10.10): the same region, kick and
-    /// call.
+    /// call; the sleep last kicked is forgotten, since a new backend counts its sleeps afresh.
     pub fn hand_over(&self) -> anyhow::Result<HandOver> {
+        self.side.borrow_mut().new_backend();
         Ok(HandOver {
             region: self.region_fd()?,
             kick: self.kick.try_clone().context("dup kick")?,

@@ -53,6 +53,12 @@ impl FrontendSide {
         }
     }
 
+    /// The region is handed to a new backend (SET_SHARED_REGION with RESUME, 10.10): it counts
+    /// its sleeps afresh, so the sleep this frontend last kicked says nothing about its sleeps.
+    pub fn new_backend(&mut self) {
+        self.kicked = 0;
+    }
+
     /// The region, to hand its fd over.
     pub fn region(&self) -> &Region {
         &self.region
