@@ -4,6 +4,7 @@ use std::os::fd::OwnedFd;
 
 use crate::codec::Writer;
 use crate::error::DecodeError;
+use crate::held::{HeldFds, MAX_HELD_FDS, decode_keys, encode_keys};
 use crate::message::{Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size};
 use crate::types::{AddressSpace, IotlbInvalidate, MsiWrite};
 
@@ -19,13 +20,17 @@ pub mod code {
     pub const MSI_WRITE: u32 = 4;
     /// GET_DEVICE_SIDS.
     pub const GET_DEVICE_SIDS: u32 = 5;
+    /// HOLD_FDS.
+    pub const HOLD_FDS: u32 = 6;
+    /// RELEASE_FDS.
+    pub const RELEASE_FDS: u32 = 7;
 }
 
 /// Most devices a GET_DEVICE_SIDS reply can list: its body (8 bytes and 8 per device) must fit
 /// a reply's payload with the status prefix.
 pub const MAX_DEVICE_SIDS: usize = 510;
 
-const TABLE: [(u32, &str, ReplyPolicy); 5] = [
+const TABLE: [(u32, &str, ReplyPolicy); 7] = [
     (
         code::SET_ADDRESS_SPACE,
         "SET_ADDRESS_SPACE",
@@ -43,10 +48,12 @@ const TABLE: [(u32, &str, ReplyPolicy); 5] = [
         "GET_DEVICE_SIDS",
         ReplyPolicy::Always,
     ),
+    (code::HOLD_FDS, "HOLD_FDS", ReplyPolicy::Always),
+    (code::RELEASE_FDS, "RELEASE_FDS", ReplyPolicy::Always),
 ];
 
 /// A request on the backend channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub enum BackendRequest {
     /// SET_ADDRESS_SPACE: the device's DMA and MSIs now go through this address space.
     SetAddressSpace {
@@ -69,6 +76,10 @@ pub enum BackendRequest {
     MsiWrite(MsiWrite),
     /// GET_DEVICE_SIDS: the current stream ID of every attached device.
     GetDeviceSids,
+    /// HOLD_FDS: hold these descriptors under their keys (docs/protocol.md, 10.11).
+    HoldFds(HeldFds),
+    /// RELEASE_FDS: close the descriptors held under these keys.
+    ReleaseFds(Vec<u32>),
 }
 
 impl Request for BackendRequest {
@@ -82,11 +93,14 @@ impl Request for BackendRequest {
             BackendRequest::ResolveSid { .. } => code::RESOLVE_SID,
             BackendRequest::MsiWrite(_) => code::MSI_WRITE,
             BackendRequest::GetDeviceSids => code::GET_DEVICE_SIDS,
+            BackendRequest::HoldFds(_) => code::HOLD_FDS,
+            BackendRequest::ReleaseFds(_) => code::RELEASE_FDS,
         }
     }
 
     fn encode(&self) -> Encoded<'_> {
         let mut w = Writer::with_capacity(24);
+        let mut fds = Vec::new();
         match self {
             BackendRequest::SetAddressSpace { handle, space, sid } => {
                 w.u32(*handle).u32(space.wire()).u32(*sid).u32(0);
@@ -97,8 +111,13 @@ impl Request for BackendRequest {
             }
             BackendRequest::MsiWrite(msi) => msi.encode(&mut w),
             BackendRequest::GetDeviceSids => {}
+            BackendRequest::HoldFds(held) => held.encode(&mut w, &mut fds),
+            BackendRequest::ReleaseFds(keys) => encode_keys(&mut w, keys.iter().copied()),
         }
-        Encoded::bytes(w.into_vec())
+        Encoded {
+            payload: w.into_vec(),
+            fds,
+        }
     }
 
     fn decode(code: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Self, DecodeError> {
@@ -133,6 +152,11 @@ impl Request for BackendRequest {
                 exact_size(payload, 0)?;
                 exact_fds(fds, 0)?;
                 BackendRequest::GetDeviceSids
+            }
+            code::HOLD_FDS => BackendRequest::HoldFds(HeldFds::decode(payload, fds)?),
+            code::RELEASE_FDS => {
+                exact_fds(fds, 0)?;
+                BackendRequest::ReleaseFds(decode_keys(payload, MAX_HELD_FDS)?)
             }
             other => return Err(DecodeError::UnknownRequest(other)),
         };

@@ -7,6 +7,7 @@ use rustix::net::{AddressFamily, SocketType, sockopt};
 
 use crate::codec::Writer;
 use crate::error::DecodeError;
+use crate::held::HeldFds;
 use crate::message::{Encoded, Reply, ReplyPolicy, Request, exact_fds, exact_size, one_fd};
 use crate::types::{
     DeviceFlags, DeviceInfo, Features, IdRegs, IrqIndex, MAX_MEM_TABLE_REGIONS, MAX_STATE_SIZE,
@@ -57,9 +58,11 @@ pub mod code {
     pub const SET_SHARED_REGION: u32 = 20;
     /// UPDATE_DEVICE.
     pub const UPDATE_DEVICE: u32 = 21;
+    /// RETURN_FDS.
+    pub const RETURN_FDS: u32 = 22;
 }
 
-const TABLE: [(u32, &str, ReplyPolicy); 21] = [
+const TABLE: [(u32, &str, ReplyPolicy); 22] = [
     (code::GET_FEATURES, "GET_FEATURES", ReplyPolicy::Always),
     (code::SET_FEATURES, "SET_FEATURES", ReplyPolicy::OnNeedReply),
     (code::SET_CONFIG, "SET_CONFIG", ReplyPolicy::Always),
@@ -97,6 +100,7 @@ const TABLE: [(u32, &str, ReplyPolicy); 21] = [
         ReplyPolicy::Always,
     ),
     (code::UPDATE_DEVICE, "UPDATE_DEVICE", ReplyPolicy::Always),
+    (code::RETURN_FDS, "RETURN_FDS", ReplyPolicy::Always),
 ];
 
 /// A passthrough device's iommufd identities and its VFIO cdev.
@@ -205,6 +209,9 @@ pub enum FrontendRequest {
         /// Its flags.
         flags: DeviceFlags,
     },
+    /// RETURN_FDS: descriptors the frontend held for a backend that died, for the resume
+    /// (docs/protocol.md, 10.11).
+    ReturnFds(HeldFds),
 }
 
 fn flag_nofd() -> u32 {
@@ -238,6 +245,7 @@ impl Request for FrontendRequest {
             FrontendRequest::SetState(_) => code::SET_STATE,
             FrontendRequest::SetSharedRegion { .. } => code::SET_SHARED_REGION,
             FrontendRequest::UpdateDevice { .. } => code::UPDATE_DEVICE,
+            FrontendRequest::ReturnFds(_) => code::RETURN_FDS,
         }
     }
 
@@ -318,6 +326,7 @@ impl Request for FrontendRequest {
             FrontendRequest::UpdateDevice { handle, sid, flags } => {
                 w.u32(*handle).u32(*sid).u32(flags.bits()).u32(0);
             }
+            FrontendRequest::ReturnFds(held) => held.encode(&mut w, &mut fds),
         }
         Encoded {
             payload: w.into_vec(),
@@ -513,6 +522,7 @@ impl Request for FrontendRequest {
                 r.reserved_u32("update.reserved")?;
                 FrontendRequest::UpdateDevice { handle, sid, flags }
             }
+            code::RETURN_FDS => FrontendRequest::ReturnFds(HeldFds::decode(payload, fds)?),
             other => return Err(DecodeError::UnknownRequest(other)),
         };
         Ok(req)

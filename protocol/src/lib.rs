@@ -8,6 +8,7 @@
 //!   and their replies;
 //! - [`socket`]: framing with SCM_RIGHTS fd passing;
 //! - [`connection`]: requester and responder ends of a channel, for both roles;
+//! - [`held`]: descriptors the frontend holds for the backend (HOLD_FDS);
 //! - [`shared`]: the shared region (registers, posted writes, the translation cache).
 //!
 //! Decoding never panics: every byte sequence and fd set either decodes to a typed message or
@@ -21,6 +22,7 @@ pub mod connection;
 pub mod error;
 pub mod frontend;
 pub mod header;
+pub mod held;
 pub mod message;
 pub mod shared;
 pub mod socket;
@@ -34,6 +36,7 @@ pub use connection::{
 pub use error::{DecodeError, Error, Result};
 pub use frontend::{AttachDevice, FrontendReply, FrontendRequest, Passthrough, StateBlob};
 pub use header::{Header, MAX_FDS, MAX_PAYLOAD_SIZE};
+pub use held::{HeldFds, MAX_FDS_PER_MESSAGE, MAX_HELD_FDS};
 pub use message::{ErrorReply, Reply, ReplyPolicy, Request};
 pub use status::Status;
 pub use types::*;

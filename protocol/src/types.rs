@@ -48,6 +48,10 @@ bitflags! {
         /// Bit 8: SET_SHARED_REGION's RESUME flag, a new backend resuming from the region a
         /// backend that died left (docs/protocol.md, 10.10). Needs SHARED_REGION.
         const RESUME = 1 << 8;
+        /// Bit 9: HOLD_FDS and RELEASE_FDS on the backend channel, RETURN_FDS on the main
+        /// channel: the frontend holds descriptors for the backend (docs/protocol.md, 10.11).
+        /// Needs RESUME and BACKEND_CHANNEL.
+        const HOLD_FDS = 1 << 9;
     }
 }
 

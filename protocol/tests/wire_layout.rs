@@ -104,7 +104,7 @@ fn get_features_and_its_reply() {
         Ok(FrontendReply::Features(Features::all())),
         "01 00 00 00  05 00 00 00  10 00 00 00
          00 00 00 00  00 00 00 00
-         ff 01 00 00 00 00 00 00",
+         ff 03 00 00 00 00 00 00",
     );
 }
 
@@ -415,7 +415,10 @@ fn backend_channel_layouts() {
     });
     let channel = FrontendChannel::new(b.try_clone().unwrap());
     let got = channel.recv().unwrap();
-    assert_eq!(got.request, BackendRequest::ResolveSid { sid: 0x10 });
+    assert!(matches!(
+        got.request,
+        BackendRequest::ResolveSid { sid: 0x10 }
+    ));
     channel
         .reply(got.token, Ok(BackendReply::ResolveSid(Some(7))))
         .unwrap();
@@ -482,4 +485,65 @@ fn backend_channel_layouts() {
         let err = t.join().unwrap().unwrap_err();
         assert!(matches!(err, Error::BadReply { .. }), "{err:?}");
     }
+}
+
+/// HOLD_FDS, RELEASE_FDS and RETURN_FDS (docs/protocol.md 10.11): `count`, reserved, keys; the
+/// fds in the keys' order.
+#[test]
+fn held_descriptor_messages() {
+    use viommu_protocol::HeldFds;
+    let hold = BackendRequest::HoldFds(HeldFds {
+        fds: vec![(0, memfd(b"held")), (9, memfd(b"held"))],
+    });
+    assert_eq!(hold.encode().fds.len(), 2);
+    assert_eq!(
+        backend_wire_call(hold),
+        hex("06 00 00 00  01 00 00 00  10 00 00 00
+             02 00 00 00  00 00 00 00  00 00 00 00  09 00 00 00")
+    );
+    assert_eq!(
+        backend_wire_call(BackendRequest::ReleaseFds(vec![9])),
+        hex("07 00 00 00  01 00 00 00  0c 00 00 00  01 00 00 00  00 00 00 00  09 00 00 00")
+    );
+    check_request(
+        FrontendRequest::ReturnFds(HeldFds {
+            fds: vec![(0, memfd(b"held"))],
+        }),
+        "16 00 00 00  01 00 00 00  0c 00 00 00  01 00 00 00  00 00 00 00  00 00 00 00",
+    );
+
+    // Hostile lists: each is refused as undecodable, and its fds are closed with it.
+    let refused = |code: u8, payload: &str, nfds: usize| {
+        let body = hex(payload);
+        let mut msg = vec![code, 0, 0, 0, 1, 0, 0, 0, body.len() as u8, 0, 0, 0];
+        msg.extend(&body);
+        let files: Vec<_> = (0..nfds).map(|_| memfd(b"held")).collect();
+        let borrowed: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        raw_send(&a, &msg, &borrowed);
+        match FrontendChannel::new(b).recv() {
+            Err(e) => assert_eq!(e.reply_status(), Status::INVALID_MESSAGE, "{payload}: {e}"),
+            Ok(got) => panic!("{payload} decoded as {:?}", got.request),
+        }
+    };
+    // No keys; nine keys (more than a message's fds); fewer fds than keys; a key twice; a
+    // reserved field set.
+    refused(6, "00 00 00 00  00 00 00 00", 0);
+    refused(
+        6,
+        "09 00 00 00  00 00 00 00  01 00 00 00 02 00 00 00 03 00 00 00 04 00 00 00
+         05 00 00 00 06 00 00 00 07 00 00 00 08 00 00 00 0a 00 00 00",
+        8,
+    );
+    refused(6, "02 00 00 00  00 00 00 00  00 00 00 00  09 00 00 00", 1);
+    refused(6, "02 00 00 00  00 00 00 00  09 00 00 00  09 00 00 00", 2);
+    refused(6, "01 00 00 00  01 00 00 00  09 00 00 00", 1);
+    // RELEASE_FDS with a descriptor, a count beyond its payload, or 65 keys.
+    refused(7, "01 00 00 00  00 00 00 00  09 00 00 00", 1);
+    refused(7, "02 00 00 00  00 00 00 00  09 00 00 00", 0);
+    let mut many = String::from("41 00 00 00  00 00 00 00");
+    for k in 0..65u8 {
+        many.push_str(&format!(" {k:02x} 00 00 00"));
+    }
+    refused(7, &many, 0);
 }

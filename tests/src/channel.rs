@@ -1,17 +1,18 @@
 //! The frontend's end of the backend channel: what QEMU does with SET_ADDRESS_SPACE,
-//! IOTLB_INVALIDATE, RESOLVE_SID and MSI_WRITE, served on a thread of its own (the backend
-//! sends these while the main channel waits for a reply).
+//! IOTLB_INVALIDATE, RESOLVE_SID, MSI_WRITE, HOLD_FDS and RELEASE_FDS, served on a thread of
+//! its own (the backend sends these while the main channel waits for a reply).
 
 use std::collections::BTreeMap;
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
 use viommu_protocol::{
-    AddressSpace, BackendReply, BackendRequest, DeviceSid, Error, FrontendChannel, IotlbInvalidate,
-    Perm,
+    AddressSpace, BackendReply, BackendRequest, DeviceSid, Error, ErrorReply, FrontendChannel,
+    IotlbInvalidate, MAX_HELD_FDS, Perm, Status,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -114,6 +115,16 @@ pub enum Notification {
         /// The device found there.
         handle: Option<u32>,
     },
+    /// A descriptor held under a key (one per key of a HOLD_FDS).
+    Hold {
+        /// The key.
+        key: u32,
+    },
+    /// A key released (one per key of a RELEASE_FDS).
+    Release {
+        /// The key.
+        key: u32,
+    },
     /// MSI_WRITE, and whether it landed in guest RAM.
     MsiWrite {
         /// Doorbell address.
@@ -140,6 +151,9 @@ pub struct ChannelState {
     pub cache: TranslationCache,
     /// Every message handled, in order.
     pub log: Vec<Notification>,
+    /// Descriptors held for the backend (HOLD_FDS), by key: kept when the backend dies, for
+    /// the next one's resume (docs/protocol.md 10.11).
+    pub held: BTreeMap<u32, OwnedFd>,
 }
 
 /// IOTLB_INVALIDATE messages in `log`.
@@ -230,7 +244,7 @@ fn serve(
             Err(e) => return Err(e),
         };
         let reply = handle(incoming.request, mem, &mut lock(state));
-        channel.reply(incoming.token, Ok(reply))?;
+        channel.reply(incoming.token, reply)?;
     }
 }
 
@@ -238,8 +252,8 @@ fn handle(
     request: BackendRequest,
     mem: &GuestMemoryMmap<()>,
     state: &mut ChannelState,
-) -> BackendReply {
-    match request {
+) -> Result<BackendReply, ErrorReply> {
+    Ok(match request {
         BackendRequest::SetAddressSpace { handle, space, sid } => {
             state.spaces.insert(handle, space);
             state.space_sids.insert(handle, sid);
@@ -281,5 +295,30 @@ fn handle(
             });
             BackendReply::Ack
         }
-    }
+        BackendRequest::HoldFds(held) => {
+            let new = held.keys().filter(|k| !state.held.contains_key(k)).count();
+            let total = state.held.len().saturating_add(new);
+            if total > MAX_HELD_FDS {
+                // The message's descriptors are closed with it: none is held.
+                return Err(ErrorReply::new(
+                    Status::NO_SPACE,
+                    format!("{total} descriptors, more than {MAX_HELD_FDS}"),
+                ));
+            }
+            let keys: Vec<u32> = held.keys().collect();
+            state
+                .log
+                .extend(keys.into_iter().map(|key| Notification::Hold { key }));
+            // One held under the same key before is closed.
+            state.held.extend(held.fds);
+            BackendReply::Ack
+        }
+        BackendRequest::ReleaseFds(keys) => {
+            for key in keys {
+                state.held.remove(&key);
+                state.log.push(Notification::Release { key });
+            }
+            BackendReply::Ack
+        }
+    })
 }

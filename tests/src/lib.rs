@@ -32,7 +32,7 @@ use viommu_protocol::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::channel::{CachedTranslation, ChannelServer, ChannelState};
+use crate::channel::{CachedTranslation, ChannelServer, ChannelState, lock};
 use crate::port::SocketPort;
 use crate::ram::MemfdRam;
 
@@ -45,7 +45,8 @@ pub const FRONTEND_FEATURES: Features = Features::PASSTHROUGH
     .union(Features::MSI)
     .union(Features::SHARED_REGION)
     .union(Features::SHARED_TRANSLATE)
-    .union(Features::RESUME);
+    .union(Features::RESUME)
+    .union(Features::HOLD_FDS);
 
 /// The outcome of a DMA translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +97,8 @@ pub struct MockQemu {
     shared: Option<Rc<shared::SharedFrontend>>,
     /// The configuration [`MockQemu::start`] sent, for a resume to send again.
     config: Option<ModelConfig>,
+    /// The iommufd given with SET_IOMMUFD, for a resume to give again.
+    iommufd: Option<OwnedFd>,
 }
 
 impl MockQemu {
@@ -133,6 +136,7 @@ impl MockQemu {
             usable: FRONTEND_FEATURES,
             shared: None,
             config: None,
+            iommufd: None,
         }
     }
 
@@ -185,6 +189,9 @@ impl MockQemu {
         }
         if !wanted.contains(Features::SHARED_REGION) {
             wanted.remove(Features::RESUME);
+        }
+        if !wanted.contains(Features::RESUME | Features::BACKEND_CHANNEL) {
+            wanted.remove(Features::HOLD_FDS);
         }
         self.main.call(&FrontendRequest::SetFeatures(wanted))?;
         self.features = wanted;
@@ -279,7 +286,15 @@ impl MockQemu {
     /// region, kick and call. Returns the new session; the guest's RAM, interrupt eventfds and
     /// region carry over (the interrupt eventfds are new ones), and what was posted into the
     /// ring meanwhile is applied by the new backend.
-    pub fn resume_on(mut self, path: &Path) -> anyhow::Result<MockQemu> {
+    pub fn resume_on(self, path: &Path) -> anyhow::Result<MockQemu> {
+        let next = MockQemu::connect(path, Duration::from_secs(10))?;
+        self.resume_into(next)
+    }
+
+    /// [`MockQemu::resume_on`] over a connection made already. With HOLD_FDS the descriptors
+    /// held for the dead backend are returned (RETURN_FDS, docs/protocol.md 10.11) before the
+    /// resume, and held on; without it they are closed first.
+    pub fn resume_into(mut self, next: MockQemu) -> anyhow::Result<MockQemu> {
         let shared = self
             .shared
             .take()
@@ -290,7 +305,8 @@ impl MockQemu {
             // The dead backend's end is closed: the channel thread ends.
             let _ = channel.stop();
         }
-        let mut next = MockQemu::connect(path, Duration::from_secs(10))?
+        let held = std::mem::take(&mut lock(&self.state).held);
+        let mut next = next
             .with_shared_region(true)
             .with_usable_features(self.usable);
         next.negotiate()?;
@@ -298,8 +314,26 @@ impl MockQemu {
             bail!("the new backend does not offer RESUME");
         }
         next.start_parts(config, ram, false)?;
+        if let Some(iommufd) = self.iommufd.take() {
+            next.set_iommufd(iommufd)?;
+        }
         for (&handle, &sid) in &self.devices {
             next.attach(handle, sid)?;
+        }
+        if next.features.contains(Features::HOLD_FDS) {
+            let all: Vec<(&u32, &OwnedFd)> = held.iter().collect();
+            for chunk in all.chunks(viommu_protocol::MAX_FDS_PER_MESSAGE) {
+                let fds = chunk
+                    .iter()
+                    .map(|(k, fd)| Ok((**k, fd.try_clone()?)))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                next.main
+                    .call(&FrontendRequest::ReturnFds(viommu_protocol::HeldFds {
+                        fds,
+                    }))
+                    .context("RETURN_FDS")?;
+            }
+            lock(&next.state).held = held;
         }
         let fds = shared.hand_over().context("the region's fds")?;
         next.main
@@ -370,10 +404,13 @@ impl MockQemu {
     }
 
     /// SET_IOMMUFD: the frontend's iommufd (any fd, for a backend with a host double).
-    pub fn set_iommufd(&self, fd: OwnedFd) -> anyhow::Result<()> {
+    /// SET_IOMMUFD. The frontend keeps the iommufd (a resume hands it to the next backend).
+    pub fn set_iommufd(&mut self, fd: OwnedFd) -> anyhow::Result<()> {
+        let theirs = fd.try_clone().context("dup of the iommufd")?;
         self.main
-            .call(&FrontendRequest::SetIommufd(fd))
+            .call(&FrontendRequest::SetIommufd(theirs))
             .context("SET_IOMMUFD")?;
+        self.iommufd = Some(fd);
         Ok(())
     }
 
@@ -484,7 +521,7 @@ impl MockQemu {
 
     /// What the backend channel has told the frontend.
     pub fn channel_state(&self) -> MutexGuard<'_, ChannelState> {
-        channel::lock(&self.state)
+        lock(&self.state)
     }
 
     /// Counters of requests sent.
@@ -709,8 +746,10 @@ impl MockQemu {
         Ok(())
     }
 
-    /// Ends the session: closes the main connection and the backend channel.
+    /// Ends the session: closes what it held for the backend (docs/protocol.md 10.11), then
+    /// the main connection and the backend channel.
     pub fn close(mut self) -> anyhow::Result<()> {
+        lock(&self.state).held.clear();
         let _ = self.main.stream().shutdown(std::net::Shutdown::Both);
         match self.channel.take() {
             Some(channel) => channel.stop(),

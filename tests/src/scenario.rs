@@ -436,7 +436,9 @@ pub fn linux_session(qemu: &mut MockQemu, trace: &mut dyn FnMut(&str)) -> anyhow
             Notification::DeviceSids { .. } => {
                 report.sid_confirmations = report.sid_confirmations.saturating_add(1);
             }
-            Notification::ResolveSid { .. } => {}
+            Notification::ResolveSid { .. }
+            | Notification::Hold { .. }
+            | Notification::Release { .. } => {}
         }
     }
     drop(state);

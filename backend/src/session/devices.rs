@@ -168,8 +168,7 @@ impl Session {
         if let Some(dev) = self.devices.remove(&handle) {
             self.handed_out.invalidate_device(handle);
             if dev.passthrough
-                && let Some(p) = self.passthrough.as_mut()
-                && let Err(e) = p.detach(handle)
+                && let Some(Err(e)) = self.with_keeper(|p, keeper| p.detach(handle, keeper))
             {
                 warn!("device {handle}: undoing the attach: {e}");
             }

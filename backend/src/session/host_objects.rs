@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
+use super::host_record::HostRecord;
 use crate::host::rules::{self, HostCaps};
 use crate::host::{HostDevice, HostError, HostIommu, HwInfo, ObjectId, RawCmd, VEvent, VSte};
 use viommu_smmuv3::StreamState;
@@ -119,8 +120,12 @@ pub struct VIommuState {
     pub abort: ObjectId,
     /// The bypass nested HWPT.
     pub bypass: ObjectId,
-    /// The vEVENTQ (its fd does not survive the backend: a new one is made).
+    /// The vEVENTQ. Its fd survives the backend only where the frontend holds it (HOLD_FDS);
+    /// otherwise a new queue is made.
     pub veventq: Option<ObjectId>,
+    /// The vEVENTQ's size (log2 of its depth).
+    #[serde(default)]
+    pub veventq_log2: Option<u8>,
     /// The host's ID registers (for command validation).
     pub idr: [u32; 6],
 }
@@ -154,6 +159,27 @@ pub struct PassthroughState {
     pub devices: BTreeMap<u32, DeviceState>,
 }
 
+/// Where the frontend holds descriptors for the backend (HOLD_FDS, docs/protocol.md 10.11).
+/// Each call returns once the frontend has done it (or it failed, which the keeper reports).
+pub trait FdKeeper {
+    /// The frontend holds a duplicate of `fd` under `key`.
+    fn hold(&mut self, key: u32, fd: BorrowedFd<'_>);
+    /// The frontend closes what it holds under `key`.
+    fn release(&mut self, key: u32);
+}
+
+/// No frontend holds anything: HOLD_FDS is not negotiated, or the session is over.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKeeper;
+
+impl FdKeeper for NoKeeper {
+    fn hold(&mut self, _key: u32, _fd: BorrowedFd<'_>) {}
+    fn release(&mut self, _key: u32) {}
+}
+
+/// The host record's key among the descriptors the frontend holds; a vEVENTQ's is its ID.
+pub const RECORD_KEY: u32 = 0;
+
 /// Counters, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PassthroughCounters {
@@ -174,6 +200,8 @@ pub struct HostObjects {
     /// Devices of an adopted state whose ATTACH_DEVICE has not come yet.
     adopting: BTreeMap<u32, DeviceState>,
     counters: PassthroughCounters,
+    /// Where the objects are recorded for a backend that resumes after this one died.
+    record: Option<HostRecord>,
 }
 
 impl HostObjects {
@@ -185,6 +213,35 @@ impl HostObjects {
             devices: BTreeMap::new(),
             adopting: BTreeMap::new(),
             counters: PassthroughCounters::default(),
+            record: None,
+        }
+    }
+
+    /// Keeps the objects' record in `record` from now on (the frontend holds it).
+    pub fn keep_record(&mut self, record: HostRecord) {
+        self.record = Some(record);
+        self.save();
+    }
+
+    /// The record, if one is kept.
+    pub fn record(&self) -> Option<&HostRecord> {
+        self.record.as_ref()
+    }
+
+    /// Writes the record after a change to the objects (docs/protocol.md 10.11: made before
+    /// recorded, destroyed before removed from it).
+    fn save(&self) {
+        if let Some(record) = &self.record
+            && let Err(e) = record.write(&self.snapshot())
+        {
+            warn!("the host record is stale: {e}");
+        }
+    }
+
+    /// Sets or clears the record's `events_in_hand`.
+    fn events_in_hand(&self, in_hand: bool) {
+        if let Some(record) = &self.record {
+            record.set_events_in_hand(in_hand);
         }
     }
 
@@ -229,6 +286,7 @@ impl HostObjects {
         host: HostDevice,
         s2_hwpt: ObjectId,
         target: Target,
+        keeper: &mut dyn FdKeeper,
     ) -> Result<Applied, PassthroughError> {
         let dev_id = host.dev_id;
         if let Some(saved) = self.adopting.remove(&handle) {
@@ -274,7 +332,7 @@ impl HostObjects {
             Ok(id) => id,
             Err(e) => {
                 if made_viommu {
-                    self.drop_viommu(viommu_id);
+                    self.drop_viommu(viommu_id, keeper);
                 }
                 return Err(e.into());
             }
@@ -296,7 +354,7 @@ impl HostObjects {
         match self.apply(handle, target) {
             Ok(applied) => Ok(applied),
             Err(e) => {
-                let _ = self.detach(handle);
+                let _ = self.detach(handle, keeper);
                 Err(e)
             }
         }
@@ -334,18 +392,20 @@ impl HostObjects {
             idr: info.idr,
             veventq: None,
         });
+        self.save();
         Ok(())
     }
 
     /// Destroys a vIOMMU with no devices left, and what hangs off it.
-    fn drop_viommu(&mut self, id: ObjectId) {
+    fn drop_viommu(&mut self, id: ObjectId, keeper: &mut dyn FdKeeper) {
         let Some(pos) = self.viommus.iter().position(|v| v.id == id) else {
             return;
         };
         let v = self.viommus.swap_remove(pos);
         let mut order = Vec::new();
         if let Some(q) = v.veventq {
-            // The fd holds a reference: close it before destroying the queue.
+            // Every fd holds a reference: the frontend's and ours closed before the destroy.
+            keeper.release(q.id);
             drop(q.fd);
             order.push(q.id);
         }
@@ -356,6 +416,7 @@ impl HostObjects {
             }
         }
         info!("vIOMMU {id} destroyed");
+        self.save();
     }
 
     /// Moves a device to `target`, make-before-break. A vSTE the kernel refuses leaves the
@@ -405,6 +466,7 @@ impl HostObjects {
             "device {handle}: attached to HWPT {hwpt} ({:?})",
             dev.target
         );
+        self.save();
         if let Some(old) = old_nested
             && let Err(e) = self.host.destroy(old)
         {
@@ -436,12 +498,17 @@ impl HostObjects {
                 .alloc_vdevice(viommu, dev.host.dev_id, u64::from(vsid))?,
         );
         dev.vsid = vsid;
+        self.save();
         self.apply(handle, target).map(drop)
     }
 
     /// Forgets a device: back on its stage-2 HWPT, its nested HWPT and vDEVICE destroyed, its
     /// cdev duplicate closed, and the vIOMMU destroyed with its last device.
-    pub fn detach(&mut self, handle: u32) -> Result<(), PassthroughError> {
+    pub fn detach(
+        &mut self,
+        handle: u32,
+        keeper: &mut dyn FdKeeper,
+    ) -> Result<(), PassthroughError> {
         let Some(dev) = self.devices.remove(&handle) else {
             return Err(PassthroughError::NotFound(handle));
         };
@@ -461,8 +528,9 @@ impl HostObjects {
             }
         }
         info!("passthrough device {handle} detached");
+        self.save();
         if !self.devices.values().any(|d| d.viommu == dev.viommu) {
-            self.drop_viommu(dev.viommu);
+            self.drop_viommu(dev.viommu, keeper);
         }
         Ok(())
     }
@@ -521,26 +589,45 @@ impl HostObjects {
 
     /// Makes, moves or removes the vEVENTQs to follow the guest's event queue: `log2size` is
     /// its size while enabled. A queue whose size changed is replaced.
-    pub fn follow_eventq(&mut self, log2size: Option<u8>) -> Result<(), HostError> {
-        let Self { host, viommus, .. } = self;
-        for v in viommus.iter_mut() {
+    ///
+    /// With a keeper, a queue is released before it is destroyed, and a new one is recorded,
+    /// then held (docs/protocol.md 10.11).
+    pub fn follow_eventq(
+        &mut self,
+        log2size: Option<u8>,
+        keeper: &mut dyn FdKeeper,
+    ) -> Result<(), HostError> {
+        for i in 0..self.viommus.len() {
+            let Some(v) = self.viommus.get_mut(i) else {
+                break;
+            };
             let keep = matches!((&v.veventq, log2size), (Some(q), Some(l)) if q.log2size == l);
             if keep {
                 continue;
             }
+            let viommu = v.id;
             if let Some(q) = v.veventq.take() {
+                keeper.release(q.id);
                 drop(q.fd);
-                host.destroy(q.id)?;
+                let destroyed = self.host.destroy(q.id);
+                self.save();
+                destroyed?;
             }
             if let Some(l) = log2size {
                 let depth = 1u32.checked_shl(u32::from(l.min(19))).unwrap_or(1 << 19);
-                let (id, fd) = host.alloc_veventq(v.id, depth)?;
-                info!("vEVENTQ {id} of depth {depth} on vIOMMU {}", v.id);
-                v.veventq = Some(VEventQ {
-                    id,
-                    fd,
-                    log2size: l,
-                });
+                let (id, fd) = self.host.alloc_veventq(viommu, depth)?;
+                info!("vEVENTQ {id} of depth {depth} on vIOMMU {viommu}");
+                if let Some(v) = self.viommus.get_mut(i) {
+                    v.veventq = Some(VEventQ {
+                        id,
+                        fd,
+                        log2size: l,
+                    });
+                }
+                self.save();
+                if let Some(q) = self.viommus.get(i).and_then(|v| v.veventq.as_ref()) {
+                    keeper.hold(q.id, q.fd.as_fd());
+                }
             }
         }
         Ok(())
@@ -555,7 +642,14 @@ impl HostObjects {
     }
 
     /// Reads every record waiting on every vEVENTQ.
+    ///
+    /// The record's `events_in_hand` is set first; the caller clears it with
+    /// [`HostObjects::events_published`] once the events are in the guest's queue and the
+    /// registers that show them are published.
     pub fn drain_events(&mut self, out: &mut Vec<VEvent>) -> Result<usize, HostError> {
+        if self.viommus.iter().any(|v| v.veventq.is_some()) {
+            self.events_in_hand(true);
+        }
         let Self { host, viommus, .. } = self;
         let mut total = 0usize;
         for v in viommus.iter() {
@@ -564,6 +658,11 @@ impl HostObjects {
             }
         }
         Ok(total)
+    }
+
+    /// The events read by [`HostObjects::drain_events`] are published in the guest's queue.
+    pub fn events_published(&self) {
+        self.events_in_hand(false);
     }
 
     /// The host objects, to save.
@@ -578,6 +677,7 @@ impl HostObjects {
                     abort: v.abort,
                     bypass: v.bypass,
                     veventq: v.veventq.as_ref().map(|q| q.id),
+                    veventq_log2: v.veventq.as_ref().map(|q| q.log2size),
                     idr: v.idr,
                 })
                 .collect(),
@@ -605,17 +705,55 @@ impl HostObjects {
     /// adopted when the frontend attaches them again; vEVENTQs are remade (their fds died with
     /// the previous backend).
     pub fn adopt(&mut self, state: PassthroughState) -> Result<(), PassthroughError> {
+        self.adopt_with(state, &mut BTreeMap::new()).map(drop)
+    }
+
+    /// [`HostObjects::adopt`] after the previous backend died (RESUME with HOLD_FDS, 10.11): a
+    /// vEVENTQ whose fd the frontend returned (in `returned`, by key) is adopted with it, so
+    /// what the host queued meanwhile is read; one without is destroyed and remade. Returns
+    /// whether host events may have been lost that way (the guest must see an overflow).
+    pub fn adopt_resumed(
+        &mut self,
+        state: PassthroughState,
+        returned: &mut BTreeMap<u32, OwnedFd>,
+    ) -> Result<bool, PassthroughError> {
+        self.adopt_with(state, returned)
+    }
+
+    fn adopt_with(
+        &mut self,
+        state: PassthroughState,
+        returned: &mut BTreeMap<u32, OwnedFd>,
+    ) -> Result<bool, PassthroughError> {
         if !self.devices.is_empty() || !self.viommus.is_empty() {
             return Err(PassthroughError::Incompatible {
                 dev_id: 0,
                 reason: "passthrough devices are attached already".into(),
             });
         }
+        let mut lost = false;
         for v in state.viommus {
-            if let Some(q) = v.veventq
-                && let Err(e) = self.host.destroy(q)
-            {
-                warn!("destroying the previous backend's vEVENTQ {q}: {e}");
+            let mut veventq = None;
+            if let Some(q) = v.veventq {
+                match (returned.remove(&q), v.veventq_log2) {
+                    (Some(fd), Some(log2size)) if q != RECORD_KEY => {
+                        info!("vEVENTQ {q} adopted with the fd the frontend held");
+                        veventq = Some(VEventQ {
+                            id: q,
+                            fd,
+                            log2size,
+                        });
+                    }
+                    (fd, _) => {
+                        // Never held (or the record is damaged): nobody can read what it
+                        // queued, so it goes, and its events count as lost.
+                        drop(fd);
+                        lost = true;
+                        if let Err(e) = self.host.destroy(q) {
+                            warn!("destroying the previous backend's vEVENTQ {q}: {e}");
+                        }
+                    }
+                }
             }
             let hw = HwInfo {
                 idr: v.idr,
@@ -628,7 +766,7 @@ impl HostObjects {
                 bypass: v.bypass,
                 caps: HostCaps::from_hw_info(&hw),
                 idr: v.idr,
-                veventq: None,
+                veventq,
             });
         }
         info!(
@@ -637,7 +775,7 @@ impl HostObjects {
             state.devices.len()
         );
         self.adopting = state.devices;
-        Ok(())
+        Ok(lost)
     }
 
     /// Lets go of every object without destroying it (the backend is stopping, and a new one
@@ -656,11 +794,11 @@ impl HostObjects {
     pub fn teardown(&mut self) {
         let handles: Vec<u32> = self.devices.keys().copied().collect();
         for handle in handles {
-            let _ = self.detach(handle);
+            let _ = self.detach(handle, &mut NoKeeper);
         }
         let ids: Vec<ObjectId> = self.viommus.iter().map(|v| v.id).collect();
         for id in ids {
-            self.drop_viommu(id);
+            self.drop_viommu(id, &mut NoKeeper);
         }
     }
 }

@@ -9,7 +9,9 @@ mod devices;
 mod effects;
 pub mod guest_memory;
 pub mod handed_out;
+mod held;
 pub mod host_objects;
+pub mod host_record;
 pub mod model_config;
 mod passthrough;
 pub mod ram_guard;
@@ -57,7 +59,8 @@ pub const OFFERED_FEATURES: Features = Features::BACKEND_CHANNEL
     .union(Features::MSI)
     .union(Features::SHARED_REGION)
     .union(Features::SHARED_TRANSLATE)
-    .union(Features::RESUME);
+    .union(Features::RESUME)
+    .union(Features::HOLD_FDS);
 
 /// Most devices attached at once (ATTACH_DEVICE beyond it is NO_SPACE); a GET_DEVICE_SIDS
 /// reply can list them all.
@@ -207,6 +210,8 @@ pub struct Session {
     /// Where the vSMMU's state came from, if not from its reset: after SET_STATE no resume may
     /// follow, after a resume no SET_STATE.
     restored: Option<Restored>,
+    /// Descriptors the frontend returned with RETURN_FDS, by key, for the resume.
+    returned: BTreeMap<u32, OwnedFd>,
 }
 
 impl std::fmt::Debug for Session {
@@ -269,6 +274,7 @@ impl Session {
             shared: None,
             shared_counters: SharedCounters::default(),
             restored: None,
+            returned: BTreeMap::new(),
         }
     }
 
@@ -545,6 +551,14 @@ impl Session {
                         "RESUME needs SHARED_REGION",
                     ));
                 }
+                if wanted.contains(Features::HOLD_FDS)
+                    && !wanted.contains(Features::RESUME | Features::BACKEND_CHANNEL)
+                {
+                    return Err(refuse(
+                        Status::INVALID_ARGUMENT,
+                        "HOLD_FDS needs RESUME and BACKEND_CHANNEL",
+                    ));
+                }
                 if wanted.contains(Features::SHARED_TRANSLATE)
                     && !wanted.contains(Features::SHARED_REGION | Features::TRANSLATE)
                 {
@@ -641,9 +655,10 @@ impl Session {
                     Some(dev) => {
                         self.handed_out.invalidate_device(handle);
                         if dev.passthrough
-                            && let Some(p) = self.passthrough.as_mut()
+                            && let Some(result) =
+                                self.with_keeper(|p, keeper| p.detach(handle, keeper))
                         {
-                            p.detach(handle).map_err(|e| {
+                            result.map_err(|e| {
                                 refuse(Status::HOST_ERROR, format!("detaching: {e}"))
                             })?;
                         }
@@ -684,6 +699,8 @@ impl Session {
                         "SET_STATE after the vSMMU was resumed from the shared region",
                     ));
                 }
+                // Held descriptors are for a resume only (10.11).
+                self.returned.clear();
                 self.set_state(blob)?;
                 self.restored = Some(Restored::FromBlob);
                 self.clear_all_translations();
@@ -706,6 +723,7 @@ impl Session {
                 self.require_feature(Features::SHARED_REGION, name)?;
                 self.update_device(handle, sid, flags)
             }
+            FrontendRequest::ReturnFds(held) => self.return_fds(held),
         }
     }
 

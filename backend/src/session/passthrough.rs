@@ -42,18 +42,23 @@ impl Session {
             )
         })?;
         let target = host_objects::target_for(&smmu.stream_state(&self.ram, dev.sid));
-        let p = self.passthrough.as_mut().ok_or_else(no_iommufd)?;
-        let applied = p
-            .attach(
-                dev.handle,
-                dev.sid,
-                HostDevice {
-                    dev_id: pt.ids.devid,
-                    cdev: pt.cdev,
-                },
-                pt.ids.s2_hwpt_id,
-                target,
-            )
+        self.start_host_record();
+        let host_device = HostDevice {
+            dev_id: pt.ids.devid,
+            cdev: pt.cdev,
+        };
+        let applied = self
+            .with_keeper(|p, keeper| {
+                p.attach(
+                    dev.handle,
+                    dev.sid,
+                    host_device,
+                    pt.ids.s2_hwpt_id,
+                    target,
+                    keeper,
+                )
+            })
+            .ok_or_else(no_iommufd)?
             .map_err(|e| refuse(Status::HOST_ERROR, format!("device {}: {e}", dev.handle)))?;
         if let (Applied::Refused(_), Some(smmu)) = (&applied, self.smmu.as_mut()) {
             smmu.record_bad_ste(&self.ram, dev.sid);
@@ -97,9 +102,7 @@ impl Session {
     /// Keeps the host's vEVENTQs the size of the guest's event queue.
     pub(super) fn follow_eventq(&mut self) {
         let log2 = self.smmu.as_ref().and_then(Smmu::eventq_log2size);
-        if let Some(p) = self.passthrough.as_mut()
-            && let Err(e) = p.follow_eventq(log2)
-        {
+        if let Some(Err(e)) = self.with_keeper(|p, keeper| p.follow_eventq(log2, keeper)) {
             warn!("vEVENTQ: {e}");
         }
     }
@@ -145,6 +148,11 @@ impl Session {
             }
         }
         let result = self.run_effects();
+        // The events are in the guest's queue once the registers that show them are.
+        self.publish();
+        if let Some(p) = self.passthrough.as_ref() {
+            p.events_published();
+        }
         if let Some(lost) = self.lost_ram() {
             return Err(lost);
         }

@@ -86,6 +86,8 @@ impl Session {
         if resume {
             return self.resume_from_region(region, kick, call);
         }
+        // Held descriptors are for a resume only (10.11).
+        self.returned.clear();
         if !matches!(self.phase, Phase::Negotiated | Phase::Configured) {
             return Err(refuse(
                 Status::BAD_STATE,
@@ -146,6 +148,8 @@ impl Session {
         let region = Region::adopt_to_resume(region)
             .map_err(|e| refuse(Status::INVALID_ARGUMENT, e.to_string()))?;
         let side = BackendSide::resume(region, with_call);
+        // The host objects first: a record that is refused leaves the vSMMU untouched.
+        let events_lost = self.adopt_held()?;
         let file = side.saved_registers();
         let snapshot = SmmuSnapshot::from_registers(|offset| {
             mirror_slot(offset)
@@ -157,6 +161,9 @@ impl Session {
         smmu.restore(&snapshot)
             .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;
         smmu.signal_pending(&self.ram);
+        if events_lost {
+            smmu.record_host_events_lost();
+        }
         self.shared = Some(Shared {
             side,
             kick,
@@ -169,6 +176,9 @@ impl Session {
         // once the effects run).
         self.run_effects()?;
         self.publish();
+        if let Some(p) = self.passthrough.as_ref() {
+            p.events_published();
+        }
         let pending = self.shared.as_ref().map_or(0, |s| s.side.writes_waiting());
         info!("vSMMU resumed from the shared region, {pending} posted write(s) to apply");
         Ok(FrontendReply::Ack)

@@ -1128,6 +1128,9 @@ impl Load<'_> {
                 Notification::MsiWrite { address, data, .. } => {
                     bail!("MSI_WRITE {data:#x} to {address:#x}: no MSI should leave guest RAM")
                 }
+                Notification::Hold { key } | Notification::Release { key } => {
+                    bail!("HOLD_FDS or RELEASE_FDS (key {key}) though no device is passed through")
+                }
             }
         }
         Ok(())
