@@ -142,7 +142,12 @@ fn run(input: &ProtoInput<'_>) {
                     assert_eq!(incoming.token.request, code);
                     check_request(&incoming.request, code, framed.unwrap_or_default(), &fds);
                     assert_eq!(incoming.request.encode().payload, expected.encode().payload);
-                    assert_eq!(&incoming.request, expected);
+                    // Requests may own fds: the same code, payload and number of fds.
+                    assert_eq!(incoming.request.code(), expected.code());
+                    assert_eq!(
+                        incoming.request.encode().fds.len(),
+                        expected.encode().fds.len()
+                    );
                 }
                 Err(e) => {
                     let _ = e.reply_status();

@@ -99,6 +99,9 @@ pub struct MockQemu {
     config: Option<ModelConfig>,
     /// The iommufd given with SET_IOMMUFD, for a resume to give again.
     iommufd: Option<OwnedFd>,
+    /// Handles of the passthrough devices among `devices` (a resume leaves them to the
+    /// caller, who attaches them after it).
+    passthrough: BTreeSet<u32>,
 }
 
 impl MockQemu {
@@ -137,6 +140,7 @@ impl MockQemu {
             shared: None,
             config: None,
             iommufd: None,
+            passthrough: BTreeSet::new(),
         }
     }
 
@@ -318,7 +322,9 @@ impl MockQemu {
             next.set_iommufd(iommufd)?;
         }
         for (&handle, &sid) in &self.devices {
-            next.attach(handle, sid)?;
+            if !self.passthrough.contains(&handle) {
+                next.attach(handle, sid)?;
+            }
         }
         if next.features.contains(Features::HOLD_FDS) {
             let all: Vec<(&u32, &OwnedFd)> = held.iter().collect();
@@ -432,7 +438,9 @@ impl MockQemu {
                 cdev,
             }),
         })
-        .with_context(|| format!("ATTACH_DEVICE {handle} (passthrough)"))
+        .with_context(|| format!("ATTACH_DEVICE {handle} (passthrough)"))?;
+        self.passthrough.insert(handle);
+        Ok(())
     }
 
     /// The guest renumbered a bus: the device is at `sid` now (QEMU computes this from the

@@ -137,13 +137,22 @@ fn spawn_daemon(host: &Shared) -> (UnixStream, JoinHandle<()>, OwnedFd) {
 }
 
 fn rig_within(config: ModelConfig, features: viommu_protocol::Features) -> Rig {
+    rig_on(config, features, viommu_tests::shared::wanted_by_default())
+}
+
+/// A rig whose frontend sets up the shared region, so that a killed backend can be resumed.
+fn resumable_rig() -> Rig {
+    rig_on(auto_config(), viommu_tests::FRONTEND_FEATURES, true)
+}
+
+fn rig_on(config: ModelConfig, features: viommu_protocol::Features, shared: bool) -> Rig {
     let mut double = HostDouble::new(NESTING_HW);
     double.add_device(DEV_A, 0x500, None).unwrap();
     double.add_device(DEV_B, 0x501, None).unwrap();
     let s2 = double.alloc_s2_hwpt(0).unwrap();
     let host = Shared(Arc::new(Mutex::new(double)));
     let (ours, daemon, stop) = spawn_daemon(&host);
-    let mut qemu = MockQemu::from_stream(ours);
+    let mut qemu = MockQemu::from_stream(ours).with_shared_region(shared);
     qemu.negotiate_within(features).unwrap();
     qemu.start(config, RAM_SIZE).unwrap();
     qemu.set_iommufd(memfd()).unwrap();
@@ -207,6 +216,35 @@ impl Rig {
             daemon: Some(daemon),
             _stop: stop,
         }
+    }
+
+    /// The backend dies: it stops without a word and its descriptors close, the objects stay
+    /// in the iommufd and the region stays with the frontend (what SIGKILL leaves; the daemon's
+    /// stop path lets go of the objects the same way). `meanwhile` runs while no backend is
+    /// there. Then a new backend is resumed as QEMU resumes one (docs/protocol.md 10.10,
+    /// 10.11), and the passthrough devices `devices` (handle, SID, device) are attached again.
+    fn kill_and_resume(
+        mut self,
+        devices: &[(u32, u32, u32)],
+        meanwhile: impl FnOnce(&Shared, &MockQemu),
+    ) -> anyhow::Result<Rig> {
+        rustix::io::write(&self._stop, &[1]).unwrap();
+        self.daemon.take().unwrap().join().unwrap();
+        meanwhile(&self.host, &self.qemu);
+        let (ours, daemon, stop) = spawn_daemon(&self.host);
+        let qemu = self.qemu.resume_into(MockQemu::from_stream(ours))?;
+        let mut rig = Rig {
+            qemu,
+            host: self.host.clone(),
+            s2: self.s2,
+            daemon: Some(daemon),
+            _stop: stop,
+        };
+        for &(handle, sid, dev) in devices {
+            rig.qemu
+                .attach_passthrough(handle, sid, dev, rig.s2, memfd())?;
+        }
+        Ok(rig)
     }
 
     /// Closes the connection and waits for the daemon's session to end.
@@ -733,4 +771,210 @@ fn a_renumbered_passthrough_device_gets_its_own_ste_not_its_old_sids() {
     );
     assert!(d.port.take_error().is_none());
     rig.finish();
+}
+
+/// The keys of the descriptors the frontend holds.
+fn held_keys(qemu: &MockQemu) -> Vec<u32> {
+    qemu.channel_state().held.keys().copied().collect()
+}
+
+/// The vEVENTQ's key among them (every key but the host record's, 0).
+fn veventq_key(qemu: &MockQemu) -> u32 {
+    let keys = held_keys(qemu);
+    assert_eq!(keys.len(), 2, "the host record and one vEVENTQ: {keys:?}");
+    assert_eq!(keys[0], 0, "the host record is key 0");
+    keys[1]
+}
+
+#[test]
+fn a_killed_backend_is_resumed_with_its_host_objects_and_what_the_host_reported_meanwhile() {
+    let mut rig = resumable_rig();
+    let mut d = rig.booted();
+    let q = veventq_key(&rig.qemu);
+    assert!(rig.host.lock().exists(q), "key {q} is the vEVENTQ's ID");
+    let hwpt = rig.host.lock().attached(DEV_A);
+    let vste = rig.vste(DEV_A);
+    let objects = rig.host.lock().live_objects();
+
+    // While no backend is there, the device faults: the host queues the event in the vEVENTQ
+    // that only the frontend holds open now.
+    let record = [0x10 | (0x500u64 << 32), 0, 0x4000_1000, 0];
+    let rig = rig
+        .kill_and_resume(&[(1, SID_A, DEV_A)], |host, _| {
+            assert_eq!(host.lock().attached(DEV_A), hwpt, "DMA went on meanwhile");
+            host.lock().inject_event(DEV_A, record);
+        })
+        .unwrap();
+
+    // Adopted, not remade: the same nested HWPT, and no new object (not even a vEVENTQ).
+    assert_eq!(rig.host.lock().attached(DEV_A), hwpt);
+    assert_eq!(rig.vste(DEV_A), vste);
+    assert_eq!(rig.host.lock().live_objects(), objects);
+    assert_eq!(held_keys(&rig.qemu), vec![0, q]);
+    // The guest goes on, and the fault of the backend's absence is in its event queue.
+    d.port = rig.qemu.port();
+    let batch = wait_events(&mut d);
+    assert!(!batch.overflow, "nothing was lost");
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].sid(), SID_A, "with the guest's StreamID");
+    // Invalidations reach the host, STE changes move the device, new faults arrive.
+    let calls = rig.host.lock().invalidate_count();
+    d.issue_cmd_with_sync(CmdEnt::TlbiNhAsid { vmid: 0, asid: 7 })
+        .unwrap();
+    assert_eq!(rig.host.lock().invalidate_count(), calls + 1);
+    rig.host.lock().inject_event(DEV_A, record);
+    assert_eq!(wait_events(&mut d).events.len(), 1);
+    let pt = d.new_s1_pgtable(Granule::G16K).unwrap();
+    d.attach_s1(SID_A, pt, 9).unwrap();
+    assert_ne!(rig.vste(DEV_A), vste);
+    assert!(d.port.take_error().is_none());
+
+    // A second death, after the STE change: the record followed it.
+    let hwpt = rig.host.lock().attached(DEV_A);
+    let rig = rig
+        .kill_and_resume(&[(1, SID_A, DEV_A)], |_, _| {})
+        .unwrap();
+    assert_eq!(rig.host.lock().attached(DEV_A), hwpt);
+    assert_eq!(rig.host.lock().live_objects(), objects);
+    let host = rig.finish();
+    assert_eq!(
+        host.lock().live_objects(),
+        0,
+        "the VM's end tears it all down"
+    );
+}
+
+#[test]
+fn a_backend_that_died_holding_host_events_or_never_held_its_queue_shows_the_overflow() {
+    // Died between reading the vEVENTQ and publishing the events: the record says so.
+    let mut rig = resumable_rig();
+    let mut d = rig.booted();
+    let rig = rig
+        .kill_and_resume(&[(1, SID_A, DEV_A)], |_, qemu| {
+            let state = qemu.channel_state();
+            let record = state.held.get(&0).expect("the host record");
+            // `events_in_hand` at 0x14 (docs/protocol.md 10.11).
+            rustix::io::pwrite(record, &1u32.to_le_bytes(), 0x14).unwrap();
+        })
+        .unwrap();
+    d.port = rig.qemu.port();
+    let batch = wait_events(&mut d);
+    assert!(batch.overflow, "the guest learns that events may be lost");
+    assert!(batch.events.is_empty());
+    assert_eq!(rig.finish().lock().live_objects(), 0);
+
+    // Died before the frontend held the vEVENTQ: the queue nobody can read is replaced, and
+    // what the host queued in it is lost, which the guest learns from the overflow.
+    let mut rig = resumable_rig();
+    let mut d = rig.booted();
+    let q = veventq_key(&rig.qemu);
+    let objects = rig.host.lock().live_objects();
+    let record = [0x10 | (0x500u64 << 32), 0, 0x4000_1000, 0];
+    let rig = rig
+        .kill_and_resume(&[(1, SID_A, DEV_A)], |host, qemu| {
+            qemu.channel_state().held.remove(&q);
+            host.lock().inject_event(DEV_A, record);
+        })
+        .unwrap();
+    assert_eq!(
+        rig.host.lock().live_objects(),
+        objects,
+        "one queue for another"
+    );
+    let new_q = veventq_key(&rig.qemu);
+    assert_eq!(rig.host.lock().pending_events(new_q), Some(0));
+    d.port = rig.qemu.port();
+    let batch = wait_events(&mut d);
+    assert!(batch.overflow);
+    assert!(batch.events.is_empty(), "the event went with the old queue");
+    rig.host.lock().inject_event(DEV_A, record);
+    assert_eq!(wait_events(&mut d).events[0].sid(), SID_A);
+    assert_eq!(rig.finish().lock().live_objects(), 0);
+}
+
+#[test]
+fn a_damaged_host_record_refuses_the_resume_and_adopts_nothing() {
+    let mut rig = resumable_rig();
+    let _d = rig.booted();
+    let objects = rig.host.lock().live_objects();
+    let host = rig.host.clone();
+    let Err(err) = rig.kill_and_resume(&[], |_, qemu| {
+        let state = qemu.channel_state();
+        let record = state.held.get(&0).expect("the host record");
+        // Both slots claim more than a slot holds.
+        for slot in [0x1000u64, 0x2_0000] {
+            rustix::io::pwrite(record, &u32::MAX.to_le_bytes(), slot).unwrap();
+        }
+    }) else {
+        panic!("a damaged host record was resumed from");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("SET_SHARED_REGION with RESUME") && text.contains("host record"),
+        "{text}"
+    );
+    // Nothing adopted, nothing destroyed: the objects wait in the iommufd as the dead backend
+    // left them, and the device still translates.
+    assert_eq!(host.lock().live_objects(), objects);
+    assert!(host.lock().attached(DEV_A).is_some());
+}
+
+#[test]
+fn return_fds_is_refused_out_of_its_place() {
+    use viommu_protocol::{FrontendRequest, HeldFds};
+    let ret = |keys: &[u32]| {
+        FrontendRequest::ReturnFds(HeldFds {
+            fds: keys.iter().map(|&k| (k, memfd())).collect(),
+        })
+    };
+    let status = |r: Result<viommu_protocol::FrontendReply, Error>| match r {
+        Err(Error::Remote { status, .. }) => status,
+        other => panic!("not refused: {other:?}"),
+    };
+    // Before the region, in CONFIGURED: accepted, and a key returned twice is refused.
+    let (ours, _daemon, _stop) =
+        spawn_daemon(&Shared(Arc::new(Mutex::new(HostDouble::new(NESTING_HW)))));
+    let mut qemu = MockQemu::from_stream(ours).with_shared_region(true);
+    qemu.negotiate().unwrap();
+    assert_eq!(
+        status(qemu.frontend().call(&ret(&[3]))),
+        Status::BAD_STATE,
+        "before SET_CONFIG"
+    );
+    qemu.start_leaving_region(auto_config(), RAM_SIZE).unwrap();
+    qemu.frontend().call(&ret(&[3, 4])).unwrap();
+    assert_eq!(
+        status(qemu.frontend().call(&ret(&[4]))),
+        Status::INVALID_ARGUMENT
+    );
+    // 64 in all at most: 2, then 7 x 8, then 6 more, and the 65th is refused.
+    for base in (5..61).step_by(8) {
+        let keys: Vec<u32> = (base..base + 8).collect();
+        qemu.frontend().call(&ret(&keys)).unwrap();
+    }
+    qemu.frontend()
+        .call(&ret(&[100, 101, 102, 103, 104, 105]))
+        .unwrap();
+    assert_eq!(status(qemu.frontend().call(&ret(&[106]))), Status::NO_SPACE);
+    // After the region is set, RETURN_FDS is out of place.
+    let region_qemu_status = {
+        let mut other = resumable_rig();
+        let _d = other.booted();
+        status(other.qemu.frontend().call(&ret(&[1])))
+    };
+    assert_eq!(region_qemu_status, Status::BAD_STATE);
+
+    // Without the feature.
+    let (ours, _daemon2, _stop2) =
+        spawn_daemon(&Shared(Arc::new(Mutex::new(HostDouble::new(NESTING_HW)))));
+    let mut qemu = MockQemu::from_stream(ours).with_shared_region(true);
+    qemu.negotiate_within(
+        viommu_tests::FRONTEND_FEATURES.difference(viommu_protocol::Features::HOLD_FDS),
+    )
+    .unwrap();
+    qemu.start_leaving_region(auto_config(), RAM_SIZE).unwrap();
+    assert_eq!(
+        status(qemu.frontend().call(&ret(&[1]))),
+        Status::NOT_NEGOTIATED
+    );
 }

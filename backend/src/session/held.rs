@@ -14,6 +14,7 @@ use viommu_protocol::{
 use super::host_objects::{FdKeeper, HostObjects, RECORD_KEY};
 use super::host_record::HostRecord;
 use super::{Phase, Session, refuse};
+use crate::host::HwInfo;
 
 /// The frontend as keeper: HOLD_FDS and RELEASE_FDS on the backend channel, each waiting for
 /// its acknowledgement (10.11's ordering rules rely on it).
@@ -158,6 +159,21 @@ impl Session {
         let record = HostRecord::adopt(fd).map_err(|e| invalid(e.to_string()))?;
         let state = record.read().map_err(|e| invalid(e.to_string()))?;
         let in_hand = record.events_in_hand();
+        if self.passthrough.is_none() {
+            return Err(refuse(
+                Status::BAD_STATE,
+                "a host record to resume needs SET_IOMMUFD first",
+            ));
+        }
+        // An IDR_AUTO model takes the registers the recorded devices' host SMMU gave it, as
+        // after SET_STATE, before the region's registers are restored.
+        if let Some(v) = state.viommus.first() {
+            let hw = HwInfo {
+                idr: v.idr,
+                ..HwInfo::default()
+            };
+            self.settle_idr_auto(&hw, "the host record")?;
+        }
         let Some(p) = self.passthrough.as_mut() else {
             return Err(refuse(
                 Status::BAD_STATE,
