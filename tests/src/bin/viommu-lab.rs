@@ -14,10 +14,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use viommu_backend::host::HostIommu;
 use viommu_backend::host::iommufd::Iommufd;
 use viommu_backend::host::rules::{self, HostCaps};
-use viommu_protocol::{ConfigFlags, ModelConfig};
+use viommu_backend::host::{HostError, HostIommu};
+use viommu_backend::session::host_record::HostRecord;
+use viommu_protocol::{ConfigFlags, Features, ModelConfig};
 use viommu_tests::guest::cmd::{CmdEnt, Tlbi};
 use viommu_tests::guest::event::id;
 use viommu_tests::guest::mem::write_qwords;
@@ -506,6 +507,165 @@ fn t8_rules(host: &Host) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The iommufd objects the backend records in its host record (docs/protocol.md 10.11), which
+/// the frontend holds under key 0: every object the backend made (not the S2 parent).
+fn recorded_objects(qemu: &MockQemu) -> anyhow::Result<Vec<u32>> {
+    let fd = {
+        let state = qemu.channel_state();
+        let record = state
+            .held
+            .get(&0)
+            .context("the frontend holds no host record")?;
+        record.try_clone()?
+    };
+    let state = HostRecord::adopt(fd)?.read()?;
+    let mut ids = Vec::new();
+    for v in &state.viommus {
+        ids.extend([v.id, v.abort, v.bypass]);
+        ids.extend(v.veventq);
+    }
+    for d in state.devices.values() {
+        ids.extend(d.vdevice);
+        ids.extend(d.nested);
+    }
+    Ok(ids)
+}
+
+/// 9. kill -9 of the backend while edu DMAs through the nested HWPT: the DMA goes on while no
+///    backend is there; a new backend resumes from the region and the descriptors the frontend
+///    held, adopting the objects (the same IDs, nothing made afresh); a fault raised while no
+///    backend was there and one raised after the restart both reach the guest's event queue;
+///    after the session no object either backend made is left in the iommufd.
+fn t9_kill_during_dma(host: &Host, ram: MemfdRam) -> anyhow::Result<()> {
+    let socket = std::env::temp_dir().join(format!("vsmmu-kill-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let spawn = |log: &str| -> anyhow::Result<BackendProcess> {
+        let log = std::fs::File::create(log).context("creating a backend log")?;
+        BackendProcess::spawn_logging(&host.backend, &socket, &["--log-level", "info"], Some(log))
+    };
+    let backend = spawn("/tmp/viommu-backend-killed.log")?;
+    let mut qemu = MockQemu::connect(&socket, Duration::from_secs(20))?.with_shared_region(true);
+    let features = qemu.negotiate()?;
+    ensure!(
+        features.contains(Features::RESUME | Features::HOLD_FDS),
+        "the backend does not offer RESUME and HOLD_FDS: {features:?}"
+    );
+    qemu.start_on(config(), ram)?;
+    qemu.set_iommufd(host.iommufd.dup()?)?;
+    qemu.attach_passthrough(1, VSID, host.dev_id, host.s2, host.cdev.dup()?)?;
+    let mem = qemu.mem()?.clone();
+    let mut d = drv(Driver::probe(
+        qemu.port(),
+        mem.clone(),
+        BumpAllocator::new(RAM_GPA + 0x10_0000, RAM_GPA + RAM_SIZE),
+        DriverConfig::default(),
+    ))?;
+    drv(d.reset())?;
+    let pt = drv(d.new_s1_pgtable(Granule::G4K))?;
+    let page_a = drv(d.alloc_zeroed(0x1000, 0x1000))?;
+    let page_b = drv(d.alloc_zeroed(0x1000, 0x1000))?;
+    drv(d.map(&pt, IOVA_A, page_b, 0x1000, prot::RW))?;
+    drv(d.map(&pt, IOVA_B, page_a, 0x1000, prot::RW))?;
+    drv(d.attach_s1(VSID, pt.clone(), ASID))?;
+    let before = recorded_objects(&qemu)?;
+    ensure!(
+        before.len() == 6,
+        "recorded objects {before:?}: a vIOMMU, abort and bypass HWPTs, a vEVENTQ, a vDEVICE, \
+         a nested HWPT"
+    );
+
+    // DMA copies back to back (each takes edu's 100 ms); 300 ms in, the backend is killed.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(backend);
+        Instant::now()
+    });
+    let mut landed = Vec::new();
+    for round in 0..12u8 {
+        let pattern = 0x80 | round;
+        fill(&mem, page_b, pattern)?;
+        fill(&mem, page_a, 0)?;
+        dma_copy(&host.bar, IOVA_A, IOVA_B)?;
+        ensure!(
+            read64(&mem, page_a)? == [pattern; 64],
+            "DMA round {round} did not land"
+        );
+        landed.push(Instant::now());
+    }
+    let killed = killer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the killer panicked"))?;
+    let after_kill = landed.iter().filter(|t| **t > killed).count();
+    ensure!(
+        after_kill >= 3,
+        "only {after_kill} DMA rounds ran after the kill"
+    );
+    // Still no backend: the device faults, and the kernel queues the event in the vEVENTQ that
+    // only the frontend holds open now.
+    const IOVA_UNMAPPED: u64 = 0x0030_0000;
+    let _ = Edu(&host.bar).dma(IOVA_UNMAPPED, EDU_BUF, 64, false);
+
+    // A new backend, as systemd or reconnect-ms brings one.
+    let backend = spawn("/tmp/viommu-backend-resumed.log")?;
+    let mut qemu = qemu.resume_on(&socket)?;
+    qemu.attach_passthrough(1, VSID, host.dev_id, host.s2, host.cdev.dup()?)?;
+    d.port = qemu.port();
+    wait_event(&mut d, id::F_TRANSLATION).context("the fault raised while no backend was there")?;
+    let after = recorded_objects(&qemu)?;
+    ensure!(
+        after == before,
+        "objects {before:?} became {after:?}: not adopted"
+    );
+    let log = std::fs::read_to_string("/tmp/viommu-backend-resumed.log")?;
+    for want in [
+        "adopted with the fd the frontend held",
+        "passthrough device 1: adopted",
+    ] {
+        ensure!(log.contains(want), "the new backend's log lacks \"{want}\"");
+    }
+
+    // The guest goes on: DMA, then an unmap whose invalidation reaches the kernel through the
+    // new backend, and the fault after it.
+    fill(&mem, page_b, 0x3d)?;
+    fill(&mem, page_a, 0)?;
+    dma_copy(&host.bar, IOVA_A, IOVA_B)?;
+    ensure!(
+        read64(&mem, page_a)? == [0x3d; 64],
+        "DMA after the resume did not land"
+    );
+    drv(pt.unmap(&mem, IOVA_B))?;
+    drv(d.issue_cmds_with_sync(&[CmdEnt::TlbiNhVa(Tlbi {
+        asid: ASID,
+        addr: IOVA_B,
+        leaf: true,
+        ..Tlbi::default()
+    })]))?;
+    drv(d.evtq_thread())?;
+    fill(&mem, page_a, 0)?;
+    let _ = dma_copy(&host.bar, IOVA_A, IOVA_B);
+    ensure!(
+        read64(&mem, page_a)? == [0; 64],
+        "DMA reached the unmapped page"
+    );
+    wait_event(&mut d, id::F_TRANSLATION).context("the fault raised after the restart")?;
+
+    // The VM ends: every object of either backend is gone from the iommufd.
+    let last = recorded_objects(&qemu)?;
+    drop(d);
+    drop(mem);
+    end_session(qemu, backend)?;
+    let mut probe = Iommufd::new(host.iommufd.dup()?)?;
+    let mut left = Vec::new();
+    for id in before.iter().chain(&last) {
+        match probe.destroy(*id) {
+            Err(HostError::Kernel { errno, .. }) if errno == rustix::io::Errno::NOENT => {}
+            other => left.push(format!("{id}: {other:?}")),
+        }
+    }
+    ensure!(left.is_empty(), "objects left behind: {}", left.join(", "));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut backend = PathBuf::from("/lab/viommu-backend");
@@ -583,16 +743,21 @@ fn run(
         "6 batched invalidations take effect",
         t6_batched(&host, &mut vm),
     );
+    // Guest RAM is the memfd the IOAS maps: test 9 needs it back.
+    let mut ram = None;
     match t7_detach_and_second_session(&host, vm) {
         Ok(vm) => {
             report("7 detach, cleanup, a second session", Ok(()));
             let Vm {
-                qemu,
+                mut qemu,
                 d,
+                mem,
                 _backend: backend,
                 ..
             } = vm;
             drop(d);
+            drop(mem);
+            ram = qemu.take_ram();
             end_session(qemu, backend)?;
         }
         Err(e) => report("7 detach, cleanup, a second session", Err(e)),
@@ -600,6 +765,11 @@ fn run(
     report(
         "8 the double's rules agree with the kernel",
         t8_rules(&host),
+    );
+    report(
+        "9 kill -9 during DMA: resumed, objects adopted, no event lost",
+        ram.context("no guest RAM left by test 7")
+            .and_then(|ram| t9_kill_during_dma(&host, ram)),
     );
     Ok(())
 }
