@@ -778,6 +778,15 @@ fn held_keys(qemu: &MockQemu) -> Vec<u32> {
     qemu.channel_state().held.keys().copied().collect()
 }
 
+/// The host record the frontend holds (key 0), read as a resuming backend reads it.
+fn recorded(qemu: &MockQemu) -> viommu_backend::session::host_objects::PassthroughState {
+    let fd = qemu.channel_state().held[&0].try_clone().unwrap();
+    viommu_backend::session::host_record::HostRecord::adopt(fd)
+        .unwrap()
+        .read()
+        .unwrap()
+}
+
 /// The vEVENTQ's key among them (every key but the host record's, 0).
 fn veventq_key(qemu: &MockQemu) -> u32 {
     let keys = held_keys(qemu);
@@ -811,6 +820,10 @@ fn a_killed_backend_is_resumed_with_its_host_objects_and_what_the_host_reported_
     assert_eq!(rig.vste(DEV_A), vste);
     assert_eq!(rig.host.lock().live_objects(), objects);
     assert_eq!(held_keys(&rig.qemu), vec![0, q]);
+    // The new backend's record names what it adopted at once (it may die next).
+    let recorded = recorded(&rig.qemu);
+    assert_eq!(recorded.devices[&1].nested, hwpt);
+    assert_eq!(recorded.viommus[0].veventq, Some(q));
     // The guest goes on, and the fault of the backend's absence is in its event queue.
     d.port = rig.qemu.port();
     let batch = wait_events(&mut d);

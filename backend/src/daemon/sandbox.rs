@@ -110,7 +110,11 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
         (libc::SYS_newfstatat, "fstat through glibc"),
         (libc::SYS_statx, "fstat through rustix"),
         (libc::SYS_pread64, "SET_STATE blobs"),
-        (libc::SYS_memfd_create, "GET_STATE blobs"),
+        (
+            libc::SYS_memfd_create,
+            "GET_STATE blobs, the host record (HOLD_FDS)",
+        ),
+        (libc::SYS_ftruncate, "sizing the host record's memfd"),
         (
             libc::SYS_munmap,
             "unmapping guest RAM regions, the allocator",

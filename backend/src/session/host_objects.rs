@@ -314,6 +314,7 @@ impl HostObjects {
                     target: saved.target,
                 },
             );
+            self.save();
             return self.apply(handle, target);
         }
         let info = self.host.hw_info(dev_id)?;
@@ -681,10 +682,13 @@ impl HostObjects {
                     idr: v.idr,
                 })
                 .collect(),
+            // Devices still to be adopted are ours too: a backend that dies before their
+            // ATTACH_DEVICE leaves them to the next.
             devices: self
-                .devices
+                .adopting
                 .iter()
-                .map(|(&h, d)| {
+                .map(|(&h, d)| (h, d.clone()))
+                .chain(self.devices.iter().map(|(&h, d)| {
                     (
                         h,
                         DeviceState {
@@ -696,7 +700,7 @@ impl HostObjects {
                             target: d.target,
                         },
                     )
-                })
+                }))
                 .collect(),
         }
     }
