@@ -105,6 +105,17 @@ fuzz_enum! {
 }
 
 fuzz_enum! {
+    /// Where RETURN_FDS's host record comes from (docs/protocol.md 10.11).
+    pub enum RecordSrc {
+        /// The one the backend gave to hold (HOLD_FDS key 0), with bytes changed in place as
+        /// a hostile frontend could: [offset, byte].
+        Held { edits: Vec<[u32; 2]> },
+        /// A fresh record file with raw `bytes` in the slot `generation` names.
+        Raw { bytes: Vec<u8>, generation: u8, in_hand: bool },
+    }
+}
+
+fuzz_enum! {
     /// One step of the frontend (or of the guest behind it).
     pub enum Msg {
         GetFeatures,
@@ -157,6 +168,10 @@ fuzz_enum! {
         /// (`torn`: only in the mirror, the copy's count odd), with `pending` raw posted
         /// writes in the ring.
         ResumeRegion { regs: Vec<[u32; 2]>, torn: bool, pending: Vec<[u64; 2]> },
+        /// RETURN_FDS (docs/protocol.md 10.11; HOLD_FDS is negotiated with RESUME when the
+        /// channel is too): the host record under key 0, what else was held, and memfds
+        /// under the `extra` keys.
+        ReturnFds { record: Option<RecordSrc>, extra: Vec<u16> },
     }
 }
 
@@ -237,6 +252,8 @@ pub struct FrontState {
     pub fail_every: u8,
     /// Requests answered.
     pub answered: u64,
+    /// Descriptors held for the backend (HOLD_FDS), by key.
+    pub held: BTreeMap<u32, OwnedFd>,
 }
 
 type Job = (UnixStream, Arc<Mutex<FrontState>>, Sender<()>);
@@ -288,6 +305,16 @@ fn serve(chan: FrontendChannel, state: &Mutex<FrontState>) {
                         .map(|(&handle, &sid)| DeviceSid { handle, sid })
                         .collect(),
                 ),
+                BackendRequest::HoldFds(held) => {
+                    st.held.extend(held.fds);
+                    BackendReply::Ack
+                }
+                BackendRequest::ReleaseFds(keys) => {
+                    for key in keys {
+                        st.held.remove(&key);
+                    }
+                    BackendReply::Ack
+                }
                 _ => BackendReply::Ack,
             })
         };
@@ -499,6 +526,9 @@ impl Harness {
                 // Bit 8 does not fit the u8: RESUME comes with SHARED_TRANSLATE.
                 if f.contains(Features::SHARED_TRANSLATE) {
                     f |= Features::RESUME;
+                    if f.contains(Features::BACKEND_CHANNEL) {
+                        f |= Features::HOLD_FDS;
+                    }
                 }
                 if let Some(Ok(_)) = self.send(FrontendRequest::SetFeatures(f)) {
                     self.negotiated = f;
@@ -789,6 +819,7 @@ impl Harness {
                 torn,
                 pending,
             } => self.resume_raw(regs, *torn, pending),
+            Msg::ReturnFds { record, extra } => self.return_fds(record.as_ref(), extra),
             Msg::UpdateDevice { handle, sid, flags } => {
                 self.send(FrontendRequest::UpdateDevice {
                     handle: u32::from(*handle % 8),
@@ -873,6 +904,72 @@ impl Harness {
                 &mut self.ended,
                 "resumed ring",
             );
+        }
+    }
+
+    /// RETURN_FDS of the held descriptors (key 0 replaced as `record` says), and memfds under
+    /// the `extra` keys, in messages of up to 8.
+    fn return_fds(&mut self, record: Option<&RecordSrc>, extra: &[u16]) {
+        let mut fds: BTreeMap<u32, OwnedFd> = {
+            let st = self.front.lock().unwrap_or_else(|e| e.into_inner());
+            st.held
+                .iter()
+                .filter_map(|(&k, fd)| fd.try_clone().ok().map(|fd| (k, fd)))
+                .collect()
+        };
+        match record {
+            Some(RecordSrc::Held { edits }) => {
+                if let Some(fd) = fds.get(&0) {
+                    for &[offset, byte] in edits.iter().take(32) {
+                        let at = u64::from(offset) % (0x4_0000 + 16);
+                        let _ = rustix::io::pwrite(fd, &[byte as u8], at);
+                    }
+                }
+            }
+            Some(RecordSrc::Raw {
+                bytes,
+                generation,
+                in_hand,
+            }) => {
+                let fd = memfd_create("record", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+                    .expect("memfd");
+                let _ = ftruncate(&fd, 0x4_0000);
+                let _ = rustix::fs::fcntl_add_seals(
+                    &fd,
+                    rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW,
+                );
+                let mut head = Vec::new();
+                head.extend(0x4345_524d_4d4f_4956u64.to_le_bytes());
+                head.extend(1u32.to_le_bytes());
+                head.extend(0x4_0000u32.to_le_bytes());
+                head.extend(u32::from(*generation).to_le_bytes());
+                head.extend(u32::from(*in_hand).to_le_bytes());
+                let _ = rustix::io::pwrite(&fd, &head, 0);
+                let slot = if generation & 1 == 0 {
+                    0x1000
+                } else {
+                    0x2_0000
+                };
+                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                let _ = rustix::io::pwrite(&fd, &len.to_le_bytes(), slot);
+                let _ = rustix::io::pwrite(&fd, bytes, slot + 4);
+                fds.insert(0, fd);
+            }
+            None => {}
+        }
+        for &key in extra.iter().take(16) {
+            fds.insert(
+                u32::from(key),
+                memfd_create("extra", MemfdFlags::CLOEXEC).expect("memfd"),
+            );
+        }
+        let all: Vec<(u32, OwnedFd)> = fds.into_iter().collect();
+        let mut it = all.into_iter().peekable();
+        while it.peek().is_some() {
+            let chunk: Vec<(u32, OwnedFd)> = it.by_ref().take(8).collect();
+            self.send(FrontendRequest::ReturnFds(viommu_protocol::HeldFds {
+                fds: chunk,
+            }));
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use viommu_fuzz::codec::roundtrip;
 use viommu_fuzz::proto::{MODE_REPLY, MODE_SOCKET, encode_input, message};
-use viommu_fuzz::session::{ChannelMode, GpaSel, Msg, StateSrc};
+use viommu_fuzz::session::{ChannelMode, GpaSel, Msg, RecordSrc, StateSrc};
 use viommu_fuzz::world::{
     Addr, CdFmtSel, Cmd, GranuleSel, IovaSel, MapSpec, ModelSel, Reg, S1Sel, SsidSel, StreamKind,
     StreamSpec, TableSel, TlbiSel, Txn, WorldSpec,
@@ -1103,6 +1103,50 @@ fn session_seeds(root: &Path) {
         let input = viommu_fuzz::session::Input { msgs };
         write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
     }
+    // A resume with a host record returned (HOLD_FDS, 10.11) that names objects the iommufd
+    // does not have, a vEVENTQ whose fd is a memfd, events in hand; then a passthrough attach
+    // that the record claims, and a host event.
+    let record = br#"{"viommus":[{"id":10,"s2_hwpt":1,"abort":11,"bypass":12,"veventq":13,"veventq_log2":3,"idr":[0,0,0,0,0,0]}],"devices":{"2":{"dev_id":100,"viommu":10,"vsid":16,"vdevice":14,"nested":null,"target":{"Translate":[1,0]}}}}"#;
+    let msgs = vec![
+        Msg::SetFeatures { bits: 0xff },
+        Msg::SetConfig {
+            model: world.model.clone(),
+            idr_auto: true,
+        },
+        Msg::SetBackendChannel {
+            mode: ChannelMode::Answered { fail_every: 0 },
+        },
+        Msg::SetMemTable {
+            regions: vec![GpaSel::Ram0, GpaSel::Ram1],
+        },
+        Msg::SetIommufd,
+        Msg::ReturnFds {
+            record: Some(RecordSrc::Raw {
+                bytes: record.to_vec(),
+                generation: 1,
+                in_hand: true,
+            }),
+            extra: vec![13, 99],
+        },
+        Msg::ResumeRegion {
+            regs: vec![[8, 0xd]],
+            torn: false,
+            pending: vec![],
+        },
+        Msg::Attach {
+            handle: 2,
+            sid: 16,
+            passthrough: Some([0, 0]),
+        },
+        Msg::HostEvent {
+            device: 0,
+            record: [0x10 | 16 << 32, 0, 0x1000, 0],
+        },
+        Msg::GetIdRegs,
+    ];
+    n += 1;
+    let input = viommu_fuzz::session::Input { msgs };
+    write(&dir, &format!("seed-{n:03}"), &roundtrip(&input));
 }
 
 fn main() {
