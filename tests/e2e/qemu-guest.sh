@@ -205,7 +205,7 @@ BUSYBOX=$BUSYBOX_DIR/bin/busybox
 version_of LINUX_VERSION "$LINUX_SOURCE"
 # linux_tree VAR: VAR = the unpacked linux source tree, the lab's if it has one
 linux_tree() { unpacked "$1" "$LINUX_SOURCE" "$LINUX_VERSION" linux-source untar_linux; }
-guest_kernel "$HERE/kernel.config" tests/e2e/kernel.config linux_tree
+guest_kernel "$REPO/tests/lib/kernel.config" tests/lib/kernel.config linux_tree
 
 # ---- 3. viommu-backend (user mode) ------------------------------------------------------------
 BACKEND=""

@@ -5,7 +5,8 @@
 #
 # usage: tests/lab/run.sh [--prepare-only]
 #   --prepare-only   install, download, build the kernel, the IORT override and both aarch64
-#                    binaries (viommu-lab only if it exists yet), but do not boot the lab
+#                    binaries (viommu-lab only if it exists yet), but do not boot the lab; write
+#                    what was prepared to $VIOMMU_LAB_CACHE/prepared.env (tests/lab/nested.sh)
 # env:
 #   VIOMMU_LAB_CACHE    cache dir outside the repo (default /var/cache/viommu-lab-ci)
 #   VIOMMU_LAB_TIMEOUT  seconds the lab guest may run (default 600)
@@ -52,12 +53,13 @@ case "$CACHE/" in "$(realpath "$REPO")/"*) error "VIOMMU_LAB_CACHE=$CACHE is ins
 mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set VIOMMU_LAB_CACHE)"
 LOGS=$CACHE/logs
 mkdir -p "$LOGS"
-rm -rf "$CACHE"/tmp.*
 exec 9>"$CACHE/.lock"
 if ! flock -n 9; then
     echo "lab: waiting for another run.sh holding $CACHE/.lock" >&2
     flock 9
 fi
+# Only now: a run waiting for the lock must not remove the working files of the one holding it.
+rm -rf "$CACHE"/tmp.*
 trap 'rm -rf "$CACHE"/tmp.*' EXIT
 echo "lab: cache $CACHE" >&2
 
@@ -115,7 +117,7 @@ linux_tree() {
     printf -v "$1" '%s' "$CACHE/linux-source/$(safe "$LINUX_VERSION")"
     t "unpack $LINUX_SOURCE $LINUX_VERSION" unpack "$LINUX_SOURCE" "$LINUX_VERSION" "${!1}" untar_linux
 }
-guest_kernel "$HERE/kernel.config" tests/lab/kernel.config linux_tree
+guest_kernel "$REPO/tests/lib/kernel.config" tests/lib/kernel.config linux_tree
 
 # ---- 3. Rust std from rust-src, cross-build of the binaries -----------------------------------
 RUST_SRC_DIR=$CACHE/rust-src/$(safe "$RUST_SRC_VERSION")
@@ -198,6 +200,10 @@ fi
 echo "lab: kernel key $KERNEL_KEY ($LINUX_SOURCE $LINUX_VERSION), IORT key $IORT_KEY" >&2
 
 if [ "$PREPARE_ONLY" = 1 ]; then
+    # For the nested lab (tests/lab/nested.sh), which boots the same kernel and runs the same
+    # backend: what was prepared, as shell assignments.
+    printf 'LAB_IMAGE=%q\nLAB_BUSYBOX=%q\nLAB_BACKEND=%q\nLAB_KERNEL_KEY=%q\n' \
+        "$IMAGE" "$BUSYBOX" "$BIN_DIR/viommu-backend" "$KERNEL_KEY" >"$CACHE/prepared.env"
     echo "TIME $(since "$T0") s: total (prepare only)" >&2
     echo "lab: prepared: $IMAGE, $IORT_DIR/acpi.cpio, $BIN_DIR/viommu-backend$([ "$HAVE_LAB" != 1 ] || echo ", $BIN_DIR/viommu-lab")"
     exit 0

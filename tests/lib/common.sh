@@ -105,13 +105,17 @@ check_config() {
 # guest_kernel FRAGMENT NAME TREE_FN: the arm64 guest kernel of allnoconfig + FRAGMENT (NAME in
 # messages), built from the tree TREE_FN VAR unpacks (LINUX_SOURCE at LINUX_VERSION) and cached
 # in $CACHE/kernel/<sha256 of the fragment and the source version>; sets KERNEL_KEY, KERNEL_DIR
-# and IMAGE. Uses note, which the caller defines.
+# and IMAGE. The same kernel in the kernel lab's cache ($LAB_CACHE, when the caller has one) is
+# used as it is (read only), so the labs share one build. Uses note, which the caller defines.
 guest_kernel() {
     local name=$2 tree_fn=$3 src build
     FRAGMENT=$(tmpdir)/kernel.config   # one snapshot of the fragment for both the key and the build
     cp "$1" "$FRAGMENT"
     KERNEL_KEY=$({ cat "$FRAGMENT"; echo "$LINUX_SOURCE $LINUX_VERSION"; } | sha)
     KERNEL_DIR=$CACHE/kernel/$KERNEL_KEY
+    if [ ! -f "$KERNEL_DIR/Image" ] && [ -n "${LAB_CACHE:-}" ] && [ -f "$LAB_CACHE/kernel/$KERNEL_KEY/Image" ]; then
+        KERNEL_DIR=$LAB_CACHE/kernel/$KERNEL_KEY
+    fi
     IMAGE=$KERNEL_DIR/Image
     if [ -f "$IMAGE" ]; then
         note "kernel cached: $IMAGE"
