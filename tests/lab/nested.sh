@@ -291,7 +291,7 @@ for VARIANT in "${VARIANTS[@]}"; do
         check "the emulated virtio-blk behind the same vSMMU reads back right" disk_reads_back
         check "the backend tore the session down and holds no iommufd" backend_clean
     fi
-    echo "nested-metrics lane=$LANE msi=$VARIANT l2_boot_s=$L2_BOOT ping_p50_ms=$(val L2-PING-P50) ping_received=$(val L2-PING-RECEIVED) inval_ioctls_per_100_packets=$INV_PING inval_commands_per_100_packets=$CMD_PING l2_irqs_per_100_packets=$(val L2-PING-IRQS) l1_vfio_irqs_per_100_packets=$VIRQ_PING nested_hwpts=$(num "${STE_TOTAL:-}") inval_ioctls_total=$(num "${INV_TOTAL:-}") msi_routes=$(num "${ROUTES:-}") msi_direct=$(num "${DIRECT:-}")"
+    echo "nested-metrics lane=$LANE msi=$VARIANT l2_boot_s=$L2_BOOT ping_p50_ms=$(val L2-PING-P50) ping_received=$(val L2-PING-RECEIVED) inval_ioctls_per_100_packets=$INV_PING inval_commands_per_100_packets=$CMD_PING l2_irqs_per_100_packets=$(val L2-PING-IRQS) l1_vfio_irqs_per_100_packets=$VIRQ_PING nested_hwpts=$(num "${STE_TOTAL:-}") inval_ioctls_total=$(num "${INV_TOTAL:-}") msi_routes=$(num "${ROUTES:-}") msi_direct=$([ "$LANE" = delegated ] && num "${DIRECT:-}" || echo n/a)"
 done
 if [ "$LANE" = delegated ]; then
     LOG=$PARTS/${VARIANTS[-1]}
