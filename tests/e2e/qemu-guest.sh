@@ -116,17 +116,7 @@ if [ "$PREPARE_ONLY" = 0 ]; then
 fi
 
 # ---- 1. cache dir, host packages (installed only when missing) -------------------------------
-CACHE=$(realpath -m "$CACHE")
-case "$CACHE/" in "$(realpath "$REPO")/"*) error "VIOMMU_E2E_CACHE=$CACHE is inside the repo checkout; use a dir outside it" ;; esac
-mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set VIOMMU_E2E_CACHE)"
-LOGS=$CACHE/logs
-mkdir -p "$LOGS"
-exec 9>"$CACHE/.lock"
-if ! flock -n 9; then
-    note "waiting for another qemu-guest.sh holding $CACHE/.lock"
-    flock 9
-fi
-rm -rf "$CACHE"/tmp.*
+open_cache VIOMMU_E2E_CACHE e2e
 RUN=""
 QEMU_PID=""
 BACKEND_PID=""

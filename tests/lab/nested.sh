@@ -50,15 +50,7 @@ prepare_only_args "$@"
 note() { echo "nested: $*" >&2; }
 
 # ---- 0. cache, lock, the QEMU for L1 (fail fast) ----------------------------------------------
-CACHE=$(realpath -m "$CACHE")
-case "$CACHE/" in "$(realpath "$REPO")/"*) error "VIOMMU_NESTED_CACHE=$CACHE is inside the repo checkout" ;; esac
-mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set VIOMMU_NESTED_CACHE)"
-LOGS=$CACHE/logs
-mkdir -p "$LOGS"
-exec 9>"$CACHE/.lock"
-flock 9
-rm -rf "$CACHE"/tmp.*
-trap 'rm -rf "$CACHE"/tmp.*' EXIT
+open_cache VIOMMU_NESTED_CACHE nested
 if [ "$LANE" = delegated ] && [ -z "${QEMU_AARCH64:-}" ]; then
     skip "the delegated lane needs QEMU_AARCH64, an arm64 qemu-system-aarch64 built with qemu-patches/ (qemu-patches/README.md: cross-building it)"
 fi

@@ -48,19 +48,7 @@ prepare_only_args "$@"
 note() { echo "lab: $*" >&2; }
 
 # ---- 0. cache dir, toolchain (fail fast, before anything expensive) --------------------------
-CACHE=$(realpath -m "$CACHE")
-case "$CACHE/" in "$(realpath "$REPO")/"*) error "VIOMMU_LAB_CACHE=$CACHE is inside the repo checkout; use a dir outside it" ;; esac
-mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set VIOMMU_LAB_CACHE)"
-LOGS=$CACHE/logs
-mkdir -p "$LOGS"
-exec 9>"$CACHE/.lock"
-if ! flock -n 9; then
-    echo "lab: waiting for another run.sh holding $CACHE/.lock" >&2
-    flock 9
-fi
-# Only now: a run waiting for the lock must not remove the working files of the one holding it.
-rm -rf "$CACHE"/tmp.*
-trap 'rm -rf "$CACHE"/tmp.*' EXIT
+open_cache VIOMMU_LAB_CACHE lab
 echo "lab: cache $CACHE" >&2
 
 [ -d "$HOME/.cargo/bin" ] && PATH=$HOME/.cargo/bin:$PATH

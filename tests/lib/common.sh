@@ -21,6 +21,24 @@ prepare_only_args() {
     done
 }
 skip() { echo "SKIPPED: $*"; exit 77; }
+# open_cache ENV WHO: CACHE (the value of the variable named ENV) made absolute, checked to lie
+# outside the checkout (REPO) and created, LOGS in it; the cache's lock taken (waiting, with a
+# note, while another WHO run holds it); only then the working files an earlier run left removed,
+# and removed again at exit. The lock stays on fd 9.
+open_cache() {
+    CACHE=$(realpath -m "$CACHE")
+    case "$CACHE/" in "$(realpath "$REPO")/"*) error "$1=$CACHE is inside the repo checkout; use a dir outside it" ;; esac
+    mkdir -p "$CACHE" 2>/dev/null || skip "cannot create the cache dir $CACHE (set $1)"
+    LOGS=$CACHE/logs
+    mkdir -p "$LOGS"
+    exec 9>"$CACHE/.lock"
+    if ! flock -n 9; then
+        echo "$2: waiting for another run holding $CACHE/.lock" >&2
+        flock 9
+    fi
+    rm -rf "$CACHE"/tmp.*
+    trap 'rm -rf "$CACHE"/tmp.*' EXIT
+}
 error() { echo "ERROR: $*"; exit 2; }
 # shellcheck disable=SC2034  # the callers report their total time since T0
 T0=$EPOCHREALTIME

@@ -14,7 +14,6 @@ use viommu_protocol::{
 use super::host_objects::{FdKeeper, HostObjects, RECORD_KEY};
 use super::host_record::HostRecord;
 use super::{Phase, Session, refuse};
-use crate::host::HwInfo;
 
 /// The frontend as keeper: HOLD_FDS and RELEASE_FDS on the backend channel, each waiting for
 /// its acknowledgement (10.11's ordering rules rely on it).
@@ -165,15 +164,8 @@ impl Session {
                 "a host record to resume needs SET_IOMMUFD first",
             ));
         }
-        // An IDR_AUTO model takes the registers the recorded devices' host SMMU gave it, as
-        // after SET_STATE, before the region's registers are restored.
-        if let Some(v) = state.viommus.first() {
-            let hw = HwInfo {
-                idr: v.idr,
-                ..HwInfo::default()
-            };
-            self.settle_idr_auto(&hw, "the host record")?;
-        }
+        // Before the region's registers are restored, as before a blob's.
+        self.settle_idr_auto_from(&state, "the host record")?;
         let Some(p) = self.passthrough.as_mut() else {
             return Err(refuse(
                 Status::BAD_STATE,

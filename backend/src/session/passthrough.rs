@@ -99,6 +99,25 @@ impl Session {
         Ok(())
     }
 
+    /// IDR_AUTO from saved host objects (a GET_STATE blob's, or a host record's): the
+    /// registers their first vIOMMU's host SMMU gave the model.
+    pub(super) fn settle_idr_auto_from(
+        &mut self,
+        state: &host_objects::PassthroughState,
+        source: &str,
+    ) -> Result<(), ErrorReply> {
+        match state.viommus.first() {
+            Some(v) => {
+                let hw = HwInfo {
+                    idr: v.idr,
+                    ..HwInfo::default()
+                };
+                self.settle_idr_auto(&hw, source)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Keeps the host's vEVENTQs the size of the guest's event queue.
     pub(super) fn follow_eventq(&mut self) {
         let log2 = self.smmu.as_ref().and_then(Smmu::eventq_log2size);

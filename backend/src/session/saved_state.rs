@@ -13,7 +13,6 @@ use viommu_smmuv3::snapshot::SmmuSnapshot;
 
 use super::host_objects::{HostObjects, PassthroughState};
 use super::{Session, model, model_ref, refuse};
-use crate::host::HwInfo;
 
 /// The GET_STATE blob.
 #[derive(Debug, Serialize, Deserialize)]
@@ -120,14 +119,7 @@ impl Session {
                 "the state has passthrough devices: SET_IOMMUFD first",
             ));
         }
-        // An IDR_AUTO model takes the registers the saved devices' host SMMU gave it.
-        if let Some(v) = host_state.viommus.first() {
-            let hw = HwInfo {
-                idr: v.idr,
-                ..Default::default()
-            };
-            self.settle_idr_auto(&hw, "the saved state")?;
-        }
+        self.settle_idr_auto_from(&host_state, "the saved state")?;
         let smmu = model(&mut self.smmu)?;
         smmu.restore(&state.smmu)
             .map_err(|e| refuse(Status::INCOMPATIBLE, e.to_string()))?;

@@ -220,16 +220,23 @@ fn t1_session(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 2. The guest's stage 1 over the kernel's stage 2: edu DMA lands in the right pages (the
-///    mapping swaps two pages, so a wrong stage shows).
-fn t2_s1_dma(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
-    let d = &mut vm.d;
+/// The edu domain: a stage-1 table in which IOVA_A maps a new page B and IOVA_B a new page A
+/// (swapped, so that a DMA through the wrong stage shows), attached to edu's stream. Returns
+/// the table and pages A and B.
+fn swapped_domain(d: &mut Guest) -> anyhow::Result<(PageTable, u64, u64)> {
     let pt = drv(d.new_s1_pgtable(Granule::G4K))?;
     let page_a = drv(d.alloc_zeroed(0x1000, 0x1000))?;
     let page_b = drv(d.alloc_zeroed(0x1000, 0x1000))?;
     drv(d.map(&pt, IOVA_A, page_b, 0x1000, prot::RW))?;
     drv(d.map(&pt, IOVA_B, page_a, 0x1000, prot::RW))?;
     drv(d.attach_s1(VSID, pt.clone(), ASID))?;
+    Ok((pt, page_a, page_b))
+}
+
+/// 2. The guest's stage 1 over the kernel's stage 2: edu DMA lands in the right pages (the
+///    mapping swaps two pages, so a wrong stage shows).
+fn t2_s1_dma(host: &Host, vm: &mut Vm) -> anyhow::Result<()> {
+    let (pt, page_a, page_b) = swapped_domain(&mut vm.d)?;
     fill(&vm.mem, page_b, 0x5a)?;
     dma_copy(&host.bar, IOVA_A, IOVA_B)?;
     ensure!(
@@ -561,12 +568,7 @@ fn t9_kill_during_dma(host: &Host, ram: MemfdRam) -> anyhow::Result<()> {
         DriverConfig::default(),
     ))?;
     drv(d.reset())?;
-    let pt = drv(d.new_s1_pgtable(Granule::G4K))?;
-    let page_a = drv(d.alloc_zeroed(0x1000, 0x1000))?;
-    let page_b = drv(d.alloc_zeroed(0x1000, 0x1000))?;
-    drv(d.map(&pt, IOVA_A, page_b, 0x1000, prot::RW))?;
-    drv(d.map(&pt, IOVA_B, page_a, 0x1000, prot::RW))?;
-    drv(d.attach_s1(VSID, pt.clone(), ASID))?;
+    let (pt, page_a, page_b) = swapped_domain(&mut d)?;
     let before = recorded_objects(&qemu)?;
     ensure!(
         before.len() == 6,
