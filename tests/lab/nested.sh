@@ -248,7 +248,7 @@ check "L1 runs KVM at EL2 with iommufd and the CANWBS IORT" kvm_ready
 check "L0's virtio-net bound to vfio-pci in L1" is L1-VFIO vfio-pci
 DISK_SUM=$(val L1-DISK-SUM)
 VARIANTS=(direct)
-[ "$LANE" = reference ] || VARIANTS=(direct translate)
+[ "$LANE" = reference ] || VARIANTS=(direct translate killed)
 for VARIANT in "${VARIANTS[@]}"; do
     NAME="$LANE, MSI $VARIANT"
     LOG=$PARTS/$VARIANT
@@ -262,12 +262,20 @@ for VARIANT in "${VARIANTS[@]}"; do
     VIRQ_PING=$(($(num "${VIRQ1:-}") - $(num "${VIRQ0:-}")))
     L2_BOOT=$(awk -v a="$(val L1-L2-START)" -v b="$(val L1-L2-INIT)" 'BEGIN { if (a != "" && b != "") printf "%.1f", b - a; else print "none" }')
     smmu_probed() { has L2-INIT && is L2-SMMU probed; }
-    hwpt_installed() { [ "$(num "${STE_TOTAL:-}")" -gt 0 ]; }
+    # (after a kill the new backend adopts the nested HWPT rather than installs one)
+    hwpt_installed() { [ "$(num "${STE_TOTAL:-}")" -gt 0 ] || { [ "$VARIANT" = killed ] && grep -q '^L1-RESUME-LOG .*adopted (vDEVICE Some([0-9]*), HWPT Some([0-9]*))' "$LOG"; }; }
     msix_fire() { at_least L2-PING-IRQS 1 && at_least L2-MSIX 1 && [ "$VIRQ_PING" -gt 0 ]; }
     invalidations_reach() { [ "$(num "${INV_TOTAL:-}")" -gt 0 ]; }
     msi_mode() { # delegated: the routes took msi-gpa's doorbell, or none did
         [ "$(num "${ROUTES:-}")" -gt 0 ] || return 1
-        if [ "$VARIANT" = direct ]; then [ "$(num "${DIRECT:-}")" -gt 0 ]; else [ "$(num "${DIRECT:-}")" = 0 ]; fi
+        if [ "$VARIANT" = translate ]; then [ "$(num "${DIRECT:-}")" = 0 ]; else [ "$(num "${DIRECT:-}")" -gt 0 ]; fi
+    }
+    resumed() { # the backend killed as the pings started; the next one resumed and adopted all
+        has L1-KILLED && has L1-RESTARTED &&
+            grep -q '^L1-RESUME-LOG .*vSMMU resumed from the shared region' "$LOG" &&
+            grep -q '^L1-RESUME-LOG .*adopted with the fd the frontend held' "$LOG" &&
+            grep -q '^L1-RESUME-LOG .*passthrough device [0-9]*: adopted' "$LOG" &&
+            ! grep -q '^L1-RESUME-LOG .*host events may have been lost' "$LOG"
     }
     disk_reads_back() { translated L2-BLK-DOMAIN && [ -n "$DISK_SUM" ] && [ "$(val L2-BLK-SUM)" = "$DISK_SUM" ]; }
     backend_clean() { is L1-BACKEND-IOMMUFDS 0 && at_least L1-BACKEND-DESTROYED 1; }
@@ -276,10 +284,14 @@ for VARIANT in "${VARIANTS[@]}"; do
     check "the NIC is in a translated DMA domain in L2" translated L2-NET-DOMAIN
     check "DHCP and 100 pings through L2's stage 1 over L1's stage 2" at_least L2-PING-RECEIVED 95
     check "MSI-X vectors fire in L2 and on L1's vfio-msix" msix_fire
+    # (after a kill the new backend counts afresh: the total is its own)
     check "L2's invalidations reach L1's kernel (IOMMU_HWPT_INVALIDATE)" invalidations_reach
     check "L2 shut down and QEMU exited cleanly" is L1-QEMU-EXIT 0
+    if [ "$VARIANT" = killed ]; then
+        check "backend killed (SIGKILL) as the pings began: a new one resumed the vSMMU and adopted the NIC and its vEVENTQ" resumed
+    fi
     if [ "$LANE" = delegated ]; then
-        check "KVM's MSI routes $([ "$VARIANT" = direct ] && echo "take msi-gpa's doorbell" || echo "translate the gIOVA through the vSMMU")" msi_mode
+        check "KVM's MSI routes $([ "$VARIANT" = translate ] && echo "translate the gIOVA through the vSMMU" || echo "take msi-gpa's doorbell")" msi_mode
         check "the emulated virtio-blk behind the same vSMMU reads back right" disk_reads_back
         check "the backend tore the session down and holds no iommufd" backend_clean
     fi
