@@ -297,7 +297,7 @@ impl MockQemu {
 
     /// [`MockQemu::resume_on`] over a connection made already. With HOLD_FDS the descriptors
     /// held for the dead backend are returned (RETURN_FDS, docs/protocol.md 10.11) before the
-    /// resume, and held on; without it they are closed first.
+    /// resume, and held on; without it they are closed.
     pub fn resume_into(mut self, next: MockQemu) -> anyhow::Result<MockQemu> {
         let shared = self
             .shared

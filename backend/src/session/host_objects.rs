@@ -709,7 +709,7 @@ impl HostObjects {
     /// adopted when the frontend attaches them again; vEVENTQs are remade (their fds died with
     /// the previous backend).
     pub fn adopt(&mut self, state: PassthroughState) -> Result<(), PassthroughError> {
-        self.adopt_with(state, &mut BTreeMap::new()).map(drop)
+        self.adopt_resumed(state, &mut BTreeMap::new()).map(drop)
     }
 
     /// [`HostObjects::adopt`] after the previous backend died (RESUME with HOLD_FDS, 10.11): a
@@ -717,14 +717,6 @@ impl HostObjects {
     /// what the host queued meanwhile is read; one without is destroyed and remade. Returns
     /// whether host events may have been lost that way (the guest must see an overflow).
     pub fn adopt_resumed(
-        &mut self,
-        state: PassthroughState,
-        returned: &mut BTreeMap<u32, OwnedFd>,
-    ) -> Result<bool, PassthroughError> {
-        self.adopt_with(state, returned)
-    }
-
-    fn adopt_with(
         &mut self,
         state: PassthroughState,
         returned: &mut BTreeMap<u32, OwnedFd>,

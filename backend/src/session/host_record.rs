@@ -10,7 +10,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use rustix::fs::{MemfdFlags, SealFlags};
+use viommu_protocol::shared::{check_sealed_memfd, sealed_memfd};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
 
@@ -76,15 +76,8 @@ impl std::fmt::Debug for HostRecord {
 impl HostRecord {
     /// A new record, empty (generation 0, slot 0 of length 0 reads as no objects).
     pub fn create() -> Result<Self, RecordError> {
-        let io = |what: &str, e: rustix::io::Errno| RecordError::Io(format!("{what}: {e}"));
-        let fd = rustix::fs::memfd_create(
-            "viommu-host-record",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(|e| io("memfd_create", e))?;
-        rustix::fs::ftruncate(&fd, SIZE as u64).map_err(|e| io("ftruncate", e))?;
-        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)
-            .map_err(|e| io("sealing", e))?;
+        let fd = sealed_memfd("viommu-host-record", SIZE)
+            .map_err(|e| RecordError::Io(format!("making its memfd: {e}")))?;
         let record = Self::map(fd)?;
         record.u64_at(off::MAGIC).store(MAGIC, Ordering::Relaxed);
         record
@@ -99,22 +92,7 @@ impl HostRecord {
     /// The record a previous backend kept, as the frontend returned it: checked to be a memfd
     /// of the record's size, sealed against shrinking and growing, with version 1's header.
     pub fn adopt(fd: OwnedFd) -> Result<Self, RecordError> {
-        let file = |m: String| RecordError::File(m);
-        let stat = rustix::fs::fstat(&fd).map_err(|e| file(format!("fstat: {e}")))?;
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-            return Err(file("not a regular file".into()));
-        }
-        if u64::try_from(stat.st_size).ok() != Some(SIZE as u64) {
-            return Err(file(format!("size {:#x}, not {SIZE:#x}", stat.st_size)));
-        }
-        let seals = rustix::fs::fcntl_get_seals(&fd)
-            .map_err(|e| file(format!("not a sealable memfd: {e}")))?;
-        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
-            return Err(file("not sealed against shrinking and growing".into()));
-        }
-        if seals.contains(SealFlags::WRITE) || seals.contains(SealFlags::FUTURE_WRITE) {
-            return Err(file("sealed against writes".into()));
-        }
+        check_sealed_memfd(fd.as_fd(), SIZE).map_err(RecordError::File)?;
         let record = Self::map(fd)?;
         let magic = record.u64_at(off::MAGIC).load(Ordering::Relaxed);
         let version = record.u32_at(off::VERSION).load(Ordering::Relaxed);
@@ -221,6 +199,7 @@ impl HostRecord {
 mod tests {
     use super::*;
     use crate::session::host_objects::{DeviceState, Target, VIommuState};
+    use rustix::fs::MemfdFlags;
 
     fn state(devices: u32) -> PassthroughState {
         let mut s = PassthroughState::default();

@@ -50,6 +50,37 @@ pub enum SharedError {
     Broken(String),
 }
 
+/// A memfd of `size` bytes sealed against shrinking and growing: the shared region, and a
+/// backend's host record (docs/protocol.md 10.11).
+pub fn sealed_memfd(name: &str, size: usize) -> Result<OwnedFd, rustix::io::Errno> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, size as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)?;
+    Ok(fd)
+}
+
+/// Checks that a file handed over is what [`sealed_memfd`] makes: a regular file of exactly
+/// `size` bytes, sealed against shrinking and growing and not against writes. The error says
+/// what is wrong.
+pub fn check_sealed_memfd(fd: BorrowedFd<'_>, size: usize) -> Result<(), String> {
+    let stat = rustix::fs::fstat(fd).map_err(|e| format!("fstat: {e}"))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err("not a regular file".into());
+    }
+    if u64::try_from(stat.st_size).ok() != Some(size as u64) {
+        return Err(format!("size {:#x}, not {size:#x}", stat.st_size));
+    }
+    let seals =
+        rustix::fs::fcntl_get_seals(fd).map_err(|e| format!("not a sealable memfd: {e}"))?;
+    if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
+        return Err("not sealed against shrinking and growing".into());
+    }
+    if seals.contains(SealFlags::WRITE) || seals.contains(SealFlags::FUTURE_WRITE) {
+        return Err("sealed against writes".into());
+    }
+    Ok(())
+}
+
 /// One mapping of the shared region.
 pub struct Region {
     map: MmapRegion<()>,
@@ -68,14 +99,7 @@ impl Region {
     /// Frontend: a new region, a sealed memfd with the header written and everything else
     /// zero (section 10.1).
     pub fn create() -> Result<Self, SharedError> {
-        let fd = rustix::fs::memfd_create(
-            "viommu-shared-region",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(SharedError::Create)?;
-        rustix::fs::ftruncate(&fd, REGION_SIZE as u64).map_err(SharedError::Create)?;
-        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)
-            .map_err(SharedError::Create)?;
+        let fd = sealed_memfd("viommu-shared-region", REGION_SIZE).map_err(SharedError::Create)?;
         let region = Self::map(fd)?;
         region.u64_at(off::MAGIC).store(MAGIC, Ordering::Relaxed);
         region
@@ -101,26 +125,7 @@ impl Region {
     }
 
     fn adopt_with(fd: OwnedFd, resume: bool) -> Result<Self, SharedError> {
-        let stat = rustix::fs::fstat(&fd).map_err(|e| SharedError::File(format!("fstat: {e}")))?;
-        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
-            return Err(SharedError::File("not a regular file".into()));
-        }
-        if u64::try_from(stat.st_size).ok() != Some(REGION_SIZE as u64) {
-            return Err(SharedError::File(format!(
-                "size {:#x}, not {REGION_SIZE:#x}",
-                stat.st_size
-            )));
-        }
-        let seals = rustix::fs::fcntl_get_seals(&fd)
-            .map_err(|e| SharedError::File(format!("not a sealable memfd: {e}")))?;
-        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
-            return Err(SharedError::File(
-                "not sealed against shrinking and growing".into(),
-            ));
-        }
-        if seals.contains(SealFlags::WRITE) || seals.contains(SealFlags::FUTURE_WRITE) {
-            return Err(SharedError::File("sealed against writes".into()));
-        }
+        check_sealed_memfd(fd.as_fd(), REGION_SIZE).map_err(SharedError::File)?;
         let region = Self::map(fd)?;
         let magic = region.u64_at(off::MAGIC).load(Ordering::Relaxed);
         let version = region.u32_at(off::VERSION).load(Ordering::Relaxed);
